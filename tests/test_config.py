@@ -1,0 +1,236 @@
+"""Config loading: every shipped YAML validates, inheritance, overrides, errors that name their source."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from configs.load import CONFIG_DIR, ConfigError, dump_config, load_config, resolve_path, save_config
+from configs.schema import Config, ModelConfig
+
+ALL_YAML = sorted(CONFIG_DIR.rglob("*.yaml"))
+
+
+def num_params(m: ModelConfig) -> int:
+    """Parameter count of the Llama-style decoder, from its shapes."""
+    e, h, k, d, f, v = m.embed_dim, m.num_heads, m.num_kv_heads, m.resolved_head_dim, m.mlp_dim, m.vocab_size
+    per_layer = e * h * d + 2 * e * k * d + h * d * e + 3 * e * f + 2 * e
+    return v * e + m.num_layers * per_layer + e + (0 if m.tie_embeddings else e * v)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_every_shipped_yaml_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert cfg.rules(), "every config should inherit the logical axis rules"
+
+
+def test_base_rules_and_mesh():
+    cfg = load_config(None)
+    assert cfg.rules() == (
+        ("batch", ("data", "fsdp")),
+        ("length", ()),
+        ("embed", ("fsdp",)),
+        ("heads", ("tensor",)),
+        ("kv_heads", ("tensor",)),
+        ("head_dim", ()),
+        ("mlp", ("tensor",)),
+        ("vocab", ("tensor",)),
+        ("layers", ()),
+    )
+    assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.mesh.dcn_data) == (1, -1, 1, 1)
+    assert cfg.model == load_config("tiny").model
+
+
+def test_model_sizes():
+    assert num_params(load_config("tiny").model) < 1_000_000
+    assert 10e6 < num_params(load_config("small").model) < 30e6
+    assert num_params(load_config("llama3-8b").model) == pytest.approx(8.03e9, rel=0.01)
+    one_b = load_config("1b").model
+    assert one_b.tie_embeddings and one_b.resolved_head_dim == 64
+    assert num_params(one_b) == pytest.approx(1.24e9, rel=0.02)
+
+
+def test_bare_names_resolve_to_packaged_configs():
+    assert resolve_path("tiny") == CONFIG_DIR / "models" / "tiny.yaml"
+    assert resolve_path("models/tiny") == CONFIG_DIR / "models" / "tiny.yaml"
+    assert resolve_path("experiments/tiny.yaml") == CONFIG_DIR / "experiments" / "tiny.yaml"
+    assert load_config("experiments/tiny").mesh.data == -1
+
+
+def test_child_overrides_one_key_and_keeps_the_rest(tmp_path):
+    write(tmp_path / "parent.yaml", "seed: 7\nmodel: {num_layers: 3, embed_dim: 64, mlp_dim: 96}\n")
+    child = write(tmp_path / "child.yaml", "base: parent.yaml\nmodel: {num_layers: 5}\n")
+    cfg = load_config(child)
+    assert (cfg.seed, cfg.model.num_layers, cfg.model.embed_dim, cfg.model.mlp_dim) == (7, 5, 64, 96)
+    assert cfg.logical_axis_rules == {}, "a chain not rooted at base.yaml gets schema defaults only"
+
+
+def test_child_of_packaged_config_in_another_directory(tmp_path):
+    child = write(tmp_path / "mine.yaml", f"base: {CONFIG_DIR / 'models' / 'small.yaml'}\nmodel: {{num_layers: 1}}\n")
+    cfg = load_config(child)
+    assert (cfg.model.num_layers, cfg.model.embed_dim) == (1, 384)
+    assert cfg.rules() == load_config(None).rules()
+
+
+def test_list_base_applies_in_order_and_shared_parent_once(tmp_path):
+    write(tmp_path / "root.yaml", "seed: 1\nmodel: {num_layers: 2, embed_dim: 64}\n")
+    write(tmp_path / "a.yaml", "base: root.yaml\nmodel: {num_layers: 6}\n")
+    write(tmp_path / "b.yaml", "base: root.yaml\nmodel: {embed_dim: 32}\nseed: 2\n")
+    top = write(tmp_path / "top.yaml", "base: [a.yaml, b.yaml]\nseed: 3\n")
+    cfg = load_config(top)
+    # b's parent (root) is not re-applied over a's change; b's own keys win over a's.
+    assert (cfg.model.num_layers, cfg.model.embed_dim, cfg.seed) == (6, 32, 3)
+
+
+def test_inheritance_cycle_is_an_error(tmp_path):
+    write(tmp_path / "a.yaml", "base: b.yaml\nseed: 1\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\nseed: 2\n")
+    with pytest.raises(ConfigError, match="cycle") as err:
+        load_config(tmp_path / "a.yaml")
+    assert "a.yaml" in str(err.value) and "b.yaml" in str(err.value)
+
+
+def test_self_cycle_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(write(tmp_path / "a.yaml", "base: a.yaml\n"))
+
+
+def test_overrides_are_applied_and_typed():
+    cfg = load_config(
+        "experiments/tiny",
+        [
+            "model.num_layers=4",
+            "mesh.fsdp=-1",
+            "mesh.data=1",
+            "model.tie_embeddings=true",
+            "model.norm_eps=1e-6",
+            "logical_axis_rules.embed=null",
+            "logical_axis_rules.batch=[data]",
+        ],
+    )
+    assert cfg.model.num_layers == 4 and isinstance(cfg.model.num_layers, int)
+    assert (cfg.mesh.data, cfg.mesh.fsdp) == (1, -1)
+    assert cfg.model.tie_embeddings is True
+    assert cfg.model.norm_eps == pytest.approx(1e-6)
+    assert cfg.logical_axis_rules["embed"] is None
+    assert dict(cfg.rules())["batch"] == ("data",)
+
+
+@pytest.mark.parametrize("override", ["model.num_layers", "=4", "model..num_layers=4", "model.num_layers: 4"])
+def test_bad_override_names_it(override):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [override])
+    assert override in str(err.value)
+
+
+def test_unknown_key_names_file_key_and_suggestion(tmp_path):
+    path = write(tmp_path / "typo.yaml", f"base: {CONFIG_DIR / 'base.yaml'}\nmodel:\n  num_layayers: 4\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert f"{path}: model.num_layayers:" in msg
+    assert "did you mean 'num_layers'?" in msg
+
+
+def test_unknown_section_is_suggested(tmp_path):
+    with pytest.raises(ConfigError, match=r"modle: unknown key; did you mean 'model'\?"):
+        load_config(write(tmp_path / "typo.yaml", "modle: {num_layers: 4}\n"))
+
+
+def test_wrong_type_names_key_file_expected_type_and_value(tmp_path):
+    parent = write(tmp_path / "parent.yaml", "model:\n  num_layers: four\n")
+    (tmp_path / "sub").mkdir()
+    path = write(tmp_path / "sub" / "bad.yaml", "base: ../parent.yaml\nseed: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    (line,) = [ln for ln in str(err.value).splitlines() if "model.num_layers" in ln]
+    # the key was set by the parent, so the parent is named, not the child
+    assert line.strip().startswith(f"{parent.resolve()}: model.num_layers:")
+    assert "valid integer" in line and "'four'" in line
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("model: {num_heads: 6, num_kv_heads: 4}", "multiple of num_kv_heads"),
+        ("mesh: {tensor: 0}", "mesh.tensor"),
+        ("mesh: {data: -1, fsdp: -1}", "at most one mesh axis"),
+        ("model: {num_layers: 0}", "greater than 0"),
+        ("logical_axis_rules: {embed: model}", "logical_axis_rules.embed"),
+        ("logical_axis_rules: {hidden: fsdp}", "unknown logical axis 'hidden'"),
+        ("model: {dtype: float16}", "'bfloat16'"),
+    ],
+)
+def test_impossible_values_are_errors_naming_the_file(tmp_path, text, needle):
+    path = write(tmp_path / "bad.yaml", text + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert needle in str(err.value)
+    assert f"{path}:" in str(err.value)
+
+
+def test_error_from_override_names_the_override():
+    with pytest.raises(ConfigError) as err:
+        load_config("experiments/tiny", ["mesh.fsdp=-1"])  # data is already -1 there
+    assert "command-line override `mesh.fsdp=-1`" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", ["model.num_layers=lots"])
+    assert "command-line override `model.num_layers=lots`: model.num_layers:" in str(err.value)
+    with pytest.raises(ConfigError, match="override `model.num_layayers=4`: model.num_layayers: .*num_layers"):
+        load_config("tiny", ["model.num_layayers=4"])
+
+
+def test_all_errors_are_listed_one_per_line(tmp_path):
+    path = write(tmp_path / "bad.yaml", "seed: x\nmodel: {vocab_size: -1, embedim: 8}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    lines = [ln.strip() for ln in str(err.value).splitlines()[1:]]
+    assert {ln.split(": ")[1] for ln in lines} == {"seed", "model.vocab_size", "model.embedim"}
+    assert all(ln.startswith(f"{path}: ") for ln in lines)
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = write(tmp_path / "broken.yaml", "seed: 1\nmodel:\n  num_layers: [1, 2\n  embed_dim: 3\n")
+    with pytest.raises(ConfigError, match="invalid YAML") as err:
+        load_config(path)
+    assert f"{path}:4:" in str(err.value) or f"{path}:3:" in str(err.value)
+
+
+def test_non_mapping_top_level(tmp_path):
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path / "list.yaml", "- 1\n- 2\n"))
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    child = write(tmp_path / "child.yaml", "base: gone.yaml\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(child)
+    assert str(child) in str(err.value) and "gone.yaml" in str(err.value)
+
+
+def test_bad_base_value(tmp_path):
+    with pytest.raises(ConfigError, match="base: must be"):
+        load_config(write(tmp_path / "b.yaml", "base: {a: 1}\n"))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    cfg = load_config("llama3-8b", ["model.norm_eps=1e-6", "logical_axis_rules.embed=null", "seed=11"])
+    path = save_config(cfg, tmp_path / "run")
+    assert path == tmp_path / "run" / "config.yaml"
+    assert [p.name for p in path.parent.iterdir()] == ["config.yaml"], "no temp file left behind"
+    assert load_config(path) == cfg
+    assert "base:" not in path.read_text()
+    assert dump_config(load_config(path)) == path.read_text()
+    # saving again replaces the file in place
+    save_config(load_config("tiny"), tmp_path / "run")
+    assert load_config(path) == load_config("tiny")
