@@ -147,11 +147,11 @@ def to_hf_state_dict(params: Mapping, cfg: ModelConfig) -> dict[str, np.ndarray]
     global_entries, layer_entries = _mapping(cfg)
     out = {}
     for name, path, (_, to_hf) in global_entries:
-        out[name] = np.ascontiguousarray(to_hf(np.asarray(_get(params, path), np.float32)))
+        out[name] = np.array(to_hf(np.asarray(_get(params, path), np.float32)), order="C")
     for name, path, (_, to_hf) in layer_entries:
         stacked = np.asarray(_get(params, ("blocks", *path)), np.float32)
         for i in range(cfg.num_layers):
-            out[f"model.layers.{i}.{name}"] = np.ascontiguousarray(to_hf(stacked[i]))
+            out[f"model.layers.{i}.{name}"] = np.array(to_hf(stacked[i]), order="C")
     if cfg.tie_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out

@@ -23,7 +23,7 @@ BATCH_LENGTH_EMBED = ("batch", "length", "embed")
 
 def _param(rngs: nnx.Rngs, init, shape: tuple[int, ...], axes: tuple[str, ...], dtype) -> nnx.Param:
     """A parameter with logical axis names; placement on a mesh is decided by the caller."""
-    return nnx.Param(init(rngs.params(), shape, dtype), sharding_names=axes, eager_sharding=False)
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=axes, eager_sharding=False)
 
 
 def _fan_in(in_axis, out_axis):

@@ -1,0 +1,145 @@
+"""The `ponder` command: global options, then one subcommand per module in `tools/`.
+
+Each subcommand lives in `tools/<name>.py` and exposes `add_parser(subparsers)`, which adds
+its parser and sets `func(args) -> int | None` as the default. Adding a command means
+writing that module and listing its name in `COMMANDS`; nothing else here changes.
+
+jax is never imported at module level here: `--devices N` has to reach XLA_FLAGS before
+the first `import jax`, so it is applied before any subcommand module is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+
+from configs.load import ConfigError, load_config
+from configs.schema import Config
+
+COMMANDS = ("info",)  # module names under tools/, in the order --help lists them
+
+DESCRIPTION = """\
+ponder is a JAX/TPU-first stack for reasoning models: pretrain a Flax NNX transformer on a
+(data, fsdp, tensor) device mesh, fine-tune it with reinforcement learning on chain-of-thought
+with verifiable rewards, and spend more compute at inference time through a jit-compiled,
+batched tree search over reasoning steps. Commands that take a config accept `--config PATH`
+(a YAML file, or a packaged name such as `tiny` or `llama3-8b`) followed by dotted overrides
+`key.sub=value`, e.g. `ponder info --config llama3-8b mesh.fsdp=8`."""
+
+EPILOG = """\
+--devices N must come before the subcommand: `ponder --devices 8 info --config tiny`.
+It simulates N CPU devices (appends --xla_force_host_platform_device_count=N to XLA_FLAGS
+and sets JAX_PLATFORMS=cpu unless already set), which is how sharded layouts are tried
+out without hardware."""
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the common `--config PATH` option and positional `key=value` overrides."""
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        default=None,
+        help="YAML config file or packaged name (tiny, llama3-8b, experiments/tiny); default: configs/base.yaml",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. model.num_layers=4"
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The validated config named by `--config` with the positional overrides applied."""
+    return load_config(args.config, args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full `ponder` parser; imports each subcommand module listed in `COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="ponder",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ponder {_package_version()}")
+    parser.add_argument(
+        "--devices",
+        type=_positive_int,
+        metavar="N",
+        default=None,
+        help="simulate N CPU devices (sets XLA_FLAGS before jax is imported); give it before the subcommand",
+    )
+    subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"tools.{name}").add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `ponder` console script; exits with the command's status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    devices = _devices_before_command(argv)
+    if devices is not None:
+        simulate_cpu_devices(devices)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        sys.exit(2)
+    from model.sharding import MeshError  # imports jax: only after XLA_FLAGS is final
+
+    try:
+        status = args.func(args)
+    except (ConfigError, MeshError) as err:
+        print(f"ponder {args.command}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(status or 0)
+
+
+def simulate_cpu_devices(count: int) -> None:
+    """Makes jax (not yet imported) see `count` CPU devices."""
+    if "jax" in sys.modules:
+        print("ponder: warning: --devices has no effect, jax was already imported", file=sys.stderr)
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _devices_before_command(argv: Sequence[str]) -> int | None:
+    """The value of `--devices` among the global options (before the subcommand), if valid."""
+    value = None
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        if argv[i] == "--devices" and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 2
+            continue
+        if argv[i].startswith("--devices="):
+            value = argv[i].partition("=")[2]
+        i += 1
+    try:
+        return _positive_int(value) if value is not None else None
+    except argparse.ArgumentTypeError:
+        return None  # the full parser reports it
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _package_version() -> str:
+    try:
+        return version("ponder")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+if __name__ == "__main__":
+    main()
