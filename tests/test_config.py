@@ -62,7 +62,7 @@ def test_bare_names_resolve_to_packaged_configs():
     assert resolve_path("tiny") == CONFIG_DIR / "models" / "tiny.yaml"
     assert resolve_path("models/tiny") == CONFIG_DIR / "models" / "tiny.yaml"
     assert resolve_path("experiments/tiny.yaml") == CONFIG_DIR / "experiments" / "tiny.yaml"
-    assert load_config("experiments/tiny").mesh.data == -1
+    assert load_config("experiments/tiny").mesh.fsdp == -1
 
 
 def test_child_overrides_one_key_and_keeps_the_rest(tmp_path):
@@ -179,8 +179,8 @@ def test_impossible_values_are_errors_naming_the_file(tmp_path, text, needle):
 
 def test_error_from_override_names_the_override():
     with pytest.raises(ConfigError) as err:
-        load_config("experiments/tiny", ["mesh.fsdp=-1"])  # data is already -1 there
-    assert "command-line override `mesh.fsdp=-1`" in str(err.value)
+        load_config("experiments/tiny", ["mesh.data=-1"])  # fsdp is already -1 there
+    assert "command-line override `mesh.data=-1`" in str(err.value)
     with pytest.raises(ConfigError) as err:
         load_config("tiny", ["model.num_layers=lots"])
     assert "command-line override `model.num_layers=lots`: model.num_layers:" in str(err.value)

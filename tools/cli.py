@@ -95,6 +95,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (ConfigError, MeshError) as err:
         print(f"ponder {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # `ponder info | head`: the reader left; exit quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     sys.exit(status or 0)
 
 

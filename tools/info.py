@@ -46,18 +46,26 @@ def describe(cfg: Config) -> dict[str, Any]:
     """Everything `ponder info` reports about `cfg` on this process's devices, JSON-ready."""
     import flax
     import jax
+    from jax.sharding import AbstractMesh, AxisType
 
+    from configs.schema import MESH_AXES
     from model.sharding import MeshError, make_mesh
 
     devices = jax.devices()
+    planned = False
     try:
         mesh = make_mesh(cfg.mesh)
     except MeshError as err:
-        raise MeshError(
-            f"cannot build the mesh: {err}. This process sees {len(devices)} devices "
-            f"(backend {jax.default_backend()}); change mesh.data/fsdp/tensor, or simulate N CPU "
-            "devices with `ponder --devices N info ...`."
-        ) from None
+        if -1 in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor):
+            raise MeshError(
+                f"cannot build the mesh: {err}; this process sees {_count(len(devices), 'device')} "
+                f"({jax.default_backend()}). Change mesh.data/fsdp/tensor, or simulate N CPU devices "
+                "with `ponder --devices N info ...`."
+            ) from None
+        # Every size is explicit: describe the plan for that many devices, as on the pod.
+        sizes = tuple(getattr(cfg.mesh, axis) for axis in MESH_AXES)
+        mesh = AbstractMesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+        planned = True
     params = describe_params(cfg, mesh)
     return {
         "versions": {"jax": jax.__version__, "flax": flax.__version__},
@@ -69,7 +77,7 @@ def describe(cfg: Config) -> dict[str, Any]:
             "process_index": jax.process_index(),
             "process_count": jax.process_count(),
         },
-        "mesh": {"shape": dict(mesh.shape), "devices": mesh.size},
+        "mesh": {"shape": dict(mesh.shape), "devices": mesh.size, "planned": planned},
         "model": {
             "param_count": sum(p["size"] for p in params),
             "param_dtype": cfg.model.param_dtype,
@@ -135,7 +143,7 @@ def render_text(info: dict[str, Any]) -> str:
     kinds = ", ".join(f"{n} x {kind}" for kind, n in dev["kinds"].items())
     local = dev["local"]
     local_text = ", ".join(local[:8]) + (f", ... ({len(local)} in all)" if len(local) > 8 else "")
-    shape = mesh["shape"]
+    sizes = " ".join(f"{axis}={size}" for axis, size in mesh["shape"].items())
     lines = [
         f"config:    {info['config']}",
         f"versions:  jax {info['versions']['jax']}, flax {info['versions']['flax']}",
@@ -143,10 +151,12 @@ def render_text(info: dict[str, Any]) -> str:
         f"devices:   {dev['count']} ({kinds})",
         f"local:     {local_text}",
         f"process:   {dev['process_index']} of {dev['process_count']}",
-        f"mesh:      {tuple(shape.values())}  " + " ".join(f"{k}={v}" for k, v in shape.items())
-        + f"  ({mesh['devices']} devices)",
+        f"mesh:      {tuple(mesh['shape'].values())}  {sizes}  ({_count(mesh['devices'], 'device')}"
+        + (f"; planned only: this process sees {dev['count']}, try `ponder --devices {mesh['devices']}`)"
+           if mesh["planned"] else ")"),
         "",
-        f"parameters: {model['param_count']:,} ({_human(model['param_count'])}), {model['param_dtype']}",
+        f"parameters: {model['param_count']:,} ({_human(model['param_count'])}), {model['param_dtype']}, "
+        f"{_bytes(sum(p['bytes'] for p in model['params']))} in all",
         "",
     ]
     header = ("name", "shape", "logical axes", "spec", "per device")
@@ -188,6 +198,10 @@ def _bytes(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n} B"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _human(n: int) -> str:

@@ -1,0 +1,96 @@
+"""The real `ponder` CLI, run in subprocesses (each one imports jax afresh, so `--devices` applies)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def ponder(*args: str) -> subprocess.CompletedProcess:
+    """Runs `python -m tools.cli ARGS` from the repo root on a plain one-device CPU setup."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # conftest's 8 devices: not ours
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run(
+        [sys.executable, "-m", "tools.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.fixture(scope="module")
+def llama_info() -> dict:
+    result = ponder("--devices", "8", "info", "--config", "configs/models/llama3-8b.yaml", "mesh.fsdp=8", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_help_lists_commands():
+    result = ponder("--help")
+    assert result.returncode == 0
+    assert "info" in result.stdout and "--devices" in result.stdout
+
+
+def test_no_command_prints_help_and_fails():
+    result = ponder()
+    assert result.returncode == 2
+    assert "usage: ponder" in result.stderr
+
+
+def test_llama3_8b_on_8_devices_mesh_and_sizes(llama_info):
+    assert llama_info["devices"]["count"] == 8
+    assert llama_info["mesh"]["shape"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    model = llama_info["model"]
+    assert abs(model["param_count"] - 8.03e9) / 8.03e9 < 0.01
+    total = sum(p["bytes"] for p in model["params"])
+    per_device = llama_info["memory_per_device"]["bytes"]["params"]
+    assert total == 4 * model["param_count"]  # float32 params
+    assert abs(per_device - total / 8) / (total / 8) < 0.05
+
+
+def test_llama3_8b_specs_follow_rules(llama_info):
+    params = {p["name"]: p for p in llama_info["model"]["params"]}
+    gate = params["blocks.mlp.w_gate"]
+    assert gate["axes"] == ["layers", "embed", "mlp"]
+    assert gate["spec"] == [None, "fsdp", "tensor"]  # embed -> fsdp, mlp -> tensor
+    embed = params["embed"]
+    assert "fsdp" in embed["spec"]
+    assert embed["bytes_per_device"] * 8 == embed["bytes"]
+
+
+def test_info_text_for_tiny_on_one_device():
+    result = ponder("info", "--config", "tiny")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("mesh:") and "(1, 1, 1)" in line for line in lines)
+    assert any(line.split()[:2] == ["name", "shape"] and "spec" in line for line in lines)
+    assert "estimate" in result.stdout
+    assert max(len(line) for line in lines) <= 100
+
+
+def test_unknown_key_is_a_clean_error():
+    result = ponder("info", "--config", "tiny", "model.num_layayers=3")
+    assert result.returncode == 2
+    assert "model.num_layayers" in result.stderr and "num_layers" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_mesh_that_cannot_fill_the_devices_is_a_clean_error():
+    result = ponder("--devices", "8", "info", "mesh.data=3", "mesh.fsdp=-1")
+    assert result.returncode == 2
+    assert "does not fit 8 devices" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_explicit_mesh_larger_than_this_machine_is_described_as_a_plan():
+    result = ponder("info", "--config", "configs/models/llama3-8b.yaml", "mesh.fsdp=8", "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["devices"]["count"] == 1
+    assert info["mesh"] == {"shape": {"data": 1, "fsdp": 8, "tensor": 1}, "devices": 8, "planned": True}
+    total = sum(p["bytes"] for p in info["model"]["params"])
+    assert abs(info["memory_per_device"]["bytes"]["params"] * 8 / total - 1) < 0.05
