@@ -6,6 +6,7 @@ it against `Config`; unknown keys, wrong types and impossible values are errors.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -81,6 +82,39 @@ class MeshConfig(Strict):
 
 MeshAxes = Literal["data", "fsdp", "tensor"]
 
+# A mixture component: a reasoning task at a difficulty in a trace style, or `text` (data.text_files).
+COMPONENT_PATTERN = r"^(text|[a-z]+_d[0-9]+_[a-z]+)$"
+
+
+class DataConfig(Strict):
+    """The seqio input pipeline: what to read, how to tokenize, pack and batch it."""
+
+    mixture: dict[str, float] = Field(default_factory=lambda: {"arithmetic_d1_direct": 1.0})
+    objective: Literal["sft", "pretrain"] = "sft"
+    text_files: list[str] = Field(default_factory=list)
+    text_validation_files: list[str] = Field(default_factory=list)
+    vocab: str = "byte"
+    seq_len: int = Field(512, gt=1)
+    max_prompt_len: int = Field(128, gt=0)
+    batch_size: int = Field(16, gt=0)
+    pack: bool = True
+    shuffle_buffer: int = Field(1024, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if not self.mixture:
+            raise ValueError("mixture: at least one component is needed")
+        for name, rate in self.mixture.items():
+            if not re.match(COMPONENT_PATTERN, name):
+                raise ValueError(f"mixture.{name}: expected TASK_dN_STYLE (e.g. countdown_d3_direct) or 'text'")
+            if rate <= 0:
+                raise ValueError(f"mixture.{name}: rate must be positive, got {rate}")
+        if "text" in self.mixture and not self.text_files:
+            raise ValueError("mixture.text needs data.text_files (globs of text files, one example per line)")
+        if self.max_prompt_len >= self.seq_len:
+            raise ValueError(f"max_prompt_len ({self.max_prompt_len}) must be below seq_len ({self.seq_len})")
+        return self
+
 
 class Config(Strict):
     """A whole ponder config: what every command resolves and writes into its run directory."""
@@ -88,6 +122,7 @@ class Config(Strict):
     seed: int = 0
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
+    data: DataConfig = DataConfig()
     # logical axis name -> mesh axis, list of mesh axes, or null (replicated)
     logical_axis_rules: dict[str, MeshAxes | list[MeshAxes] | None] = Field(default_factory=dict)
 

@@ -20,7 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 from configs.load import ConfigError, load_config
 from configs.schema import Config
 
-COMMANDS = ("info",)  # module names under tools/, in the order --help lists them
+COMMANDS = ("info", "data", "vocab", "bench")  # module names under tools/, in the order --help lists them
 
 DESCRIPTION = """\
 ponder is a JAX/TPU-first stack for reasoning models: pretrain a Flax NNX transformer on a
@@ -89,10 +89,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.print_help(sys.stderr)
         sys.exit(2)
     from model.sharding import MeshError  # imports jax: only after XLA_FLAGS is final
+    from tasks.files import ProblemFileError
 
     try:
         status = args.func(args)
-    except (ConfigError, MeshError) as err:
+    except (ConfigError, MeshError, ProblemFileError, FileNotFoundError) as err:
         print(f"ponder {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:  # `ponder info | head`: the reader left; exit quietly
