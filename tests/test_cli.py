@@ -94,3 +94,33 @@ def test_explicit_mesh_larger_than_this_machine_is_described_as_a_plan():
     assert info["mesh"] == {"shape": {"data": 1, "fsdp": 8, "tensor": 1}, "devices": 8, "planned": True}
     total = sum(p["bytes"] for p in info["model"]["params"])
     assert abs(info["memory_per_device"]["bytes"]["params"] * 8 / total - 1) < 0.05
+
+
+def test_data_export_writes_a_problem_file_that_checks_and_verifies(tmp_path):
+    out = tmp_path / "problems.jsonl"
+    result = ponder("data", "export", "--task", "countdown", "--difficulty", "2", "--split", "test",
+                    "--num", "20", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    lines = out.read_text().splitlines()
+    assert len(lines) == 20
+    record = json.loads(lines[0])
+    assert record["task"] == "countdown" and record["split"] == "test" and record["prompt"].startswith("Numbers:")
+    assert ponder("data", "check", str(out)).returncode == 0
+
+    out.write_text("\n".join(lines[:3] + ["{not json"] + lines[3:]) + "\n")
+    bad = ponder("data", "check", str(out))
+    assert bad.returncode == 2 and f"{out}:4:" in bad.stderr and "Traceback" not in bad.stderr
+    skipped = ponder("data", "check", str(out), "--skip-bad-lines")
+    assert skipped.returncode == 1 and "19 problems" not in skipped.stdout and "20 problems" in skipped.stdout
+
+
+def test_vocab_train_writes_a_sentencepiece_model(tmp_path):
+    (tmp_path / "a.txt").write_text("\n".join(f"the sum of {i} and {i + 3} is {2 * i + 3}" for i in range(400)))
+    corpus, out = str(tmp_path / "*.txt"), str(tmp_path / "v")
+    too_small = ponder("vocab", "train", "--input", corpus, "--size", "100", "--out", out)
+    assert too_small.returncode == 2 and "Vocabulary size is smaller" in too_small.stderr
+    assert not (tmp_path / "v" / "spm.model").exists()  # nothing half-written
+    result = ponder("vocab", "train", "--input", corpus, "--size", "300", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "v" / "spm.model").stat().st_size > 0
+    assert "model.vocab_size >= 384" in result.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +29,11 @@ def run_train(args: argparse.Namespace) -> int:
     """Trains and reports the written model and the padded model vocab size."""
     from train.data.vocab import get_vocabulary, padded_vocab_size, train_sentencepiece
 
-    path = train_sentencepiece(args.input, args.size, args.out, args.model_type)
+    try:
+        path = train_sentencepiece(args.input, args.size, args.out, args.model_type)
+    except RuntimeError as err:  # SentencePiece's own complaint, e.g. a size below the alphabet's
+        print(f"ponder vocab train: error: SentencePiece refused: {str(err).split('] ')[-1]}", file=sys.stderr)
+        return 2
     vocab = get_vocabulary(str(path))
     print(f"wrote {path} ({vocab.vocab_size} pieces; set model.vocab_size >= {padded_vocab_size(vocab)})")
     return 0
