@@ -116,6 +116,47 @@ class DataConfig(Strict):
         return self
 
 
+class OptimizerConfig(Strict):
+    """AdamW with warmup then decay, global-norm clipping and a weight-decay mask."""
+
+    learning_rate: float = Field(3e-3, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    end_learning_rate_ratio: float = Field(0.1, ge=0, le=1)
+    b1: float = Field(0.9, ge=0, lt=1)
+    b2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    decay_norms: bool = False
+    decay_embeddings: bool = False
+    grad_clip_norm: float = Field(1.0, ge=0)
+
+
+class TrainConfig(Strict):
+    """The training loop: length, accumulation, evaluation, checkpoints, metrics, profiling."""
+
+    run_dir: str = "runs/default"
+    steps: int = Field(100, gt=0)
+    microbatches: int = Field(1, gt=0)
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(50, ge=0)
+    eval_batches: int = Field(4, gt=0)
+    checkpoint_every: int = Field(50, gt=0)
+    keep_checkpoints: int = Field(3, gt=0)
+    async_checkpoints: bool = True
+    init_from: str | None = None
+    profile_steps: list[int] = Field(default_factory=list)
+    max_nonfinite_steps: int = Field(10, gt=0)
+    peak_tflops_per_device: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        steps = self.profile_steps
+        if steps and (len(steps) != 2 or not 0 <= steps[0] < steps[1]):
+            raise ValueError(f"profile_steps must be [first, last) with 0 <= first < last, got {self.profile_steps}")
+        return self
+
+
 class Config(Strict):
     """A whole ponder config: what every command resolves and writes into its run directory."""
 
@@ -123,11 +164,17 @@ class Config(Strict):
     model: ModelConfig = ModelConfig()
     mesh: MeshConfig = MeshConfig()
     data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
     # logical axis name -> mesh axis, list of mesh axes, or null (replicated)
     logical_axis_rules: dict[str, MeshAxes | list[MeshAxes] | None] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_rules(self) -> Config:
+        if self.data.batch_size % self.train.microbatches:
+            raise ValueError(
+                f"train.microbatches ({self.train.microbatches}) must divide data.batch_size ({self.data.batch_size})"
+            )
         for name, axes in self.logical_axis_rules.items():
             if name not in LOGICAL_AXES:
                 raise ValueError(f"logical_axis_rules: unknown logical axis {name!r}; known: {', '.join(LOGICAL_AXES)}")

@@ -1,0 +1,271 @@
+"""Orbax checkpoints of a run: train state, data position and resolved config per step; async, keep-N, atomic.
+
+    ckpt = Checkpoints(run_dir / "checkpoints", save_every=100, keep=3)
+    step, state = ckpt.restore(layout.abstract, data=pipeline)   # newest step that reads back
+    ckpt.save(step, state, data=pipeline, config=cfg)             # only every `save_every` steps
+    ckpt.save(step, state, data=pipeline, config=cfg, force=True) # final step, preemption
+    ckpt.close()
+
+On disk (a local or mounted filesystem that every host sees):
+`directory/<step>/{state/, config/metadata, data/host-I-of-N/, _CHECKPOINT_METADATA}`.
+A step is written as `<step>.orbax-checkpoint-tmp-*` and renamed once every item of every
+process has committed, so a run killed mid-save leaves only a tmp dir that is never listed
+as a step; earlier steps are untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
+
+from configs.schema import Config
+from train.data.pipeline import DataStateError, Pipeline
+
+T = TypeVar("T")
+METADATA_FILE = "_CHECKPOINT_METADATA"
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint step could be restored; the message says what was wrong with each."""
+
+
+class DataHandler(ocp.CheckpointHandler):
+    """The data item: a Pipeline position, one `host-I-of-N` subdirectory per process.
+
+    Synchronous on purpose: orbax runs non-async handlers to completion inside `save()`, so
+    the tf.data iterator is captured at the step being saved, not later in a background
+    thread. Multi-host: orbax creates the (temporary) item directory on the primary host and
+    signals the other processes before any handler runs; every process then writes only its
+    own subdirectory and removes nothing else (`Pipeline.save` replaces just its own
+    `host-I-of-N`), and the primary renames the step once all processes have committed. As
+    for orbax's array writes, `directory` must be on a filesystem every host sees.
+    `Checkpoints.restore` calls `restore` itself, host-locally after orbax's collective part.
+    """
+
+    def save(self, directory: epath.Path, args: DataSave) -> None:
+        args.pipeline.save(Path(directory))
+
+    def restore(self, directory: epath.Path, args: DataRestore) -> int:
+        self.check(Path(directory), args.pipeline)
+        args.pipeline.restore(Path(directory))
+        return args.pipeline.batches_read
+
+    @staticmethod
+    def check(directory: Path, pipeline: Pipeline) -> None:
+        """Raises FileNotFoundError if this host's saved position is missing (damage, not a settings change)."""
+        own = directory / f"host-{pipeline.shard_index}-of-{pipeline.num_shards}"
+        saved = [p.name for p in directory.glob("host-*-of-*")]
+        other_host_count = saved and not any(name.endswith(f"-of-{pipeline.num_shards}") for name in saved)
+        if not (own / "state.json").is_file() and not other_host_count:  # else Pipeline raises DataStateError
+            raise FileNotFoundError(f"{own}: no data position saved for this host")
+
+
+@ocp.args.register_with_handler(DataHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    """Saves `pipeline`'s position (this process's shard) as the `data` item."""
+
+    pipeline: Pipeline
+
+
+@ocp.args.register_with_handler(DataHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    """Moves `pipeline` to the saved position: its next batch is the one after the saved step."""
+
+    pipeline: Pipeline
+
+
+class Checkpoints:
+    """A run's checkpoint directory: saves every `save_every` steps, keeps the newest `keep`."""
+
+    def __init__(self, directory: str | Path, *, save_every: int, keep: int, async_save: bool = True):
+        if save_every < 1 or keep < 1:
+            raise ValueError(f"save_every ({save_every}) and keep ({keep}) must be at least 1")
+        self.directory = Path(directory).absolute()
+        self.save_every = save_every
+        self._corrupted: set[int] = set()  # steps a restore had to skip
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def save(self, step: int, state: Any, *, data: Pipeline | None = None, config: Config | None = None,
+             force: bool = False) -> bool:
+        """Starts saving `state` (a pytree of jax.Arrays, possibly sharded), the data position and config.
+
+        Skipped unless `step % save_every == 0` or `force`; also skipped (with a warning) when a
+        newer step is already saved. Returns whether a save started; `wait()` blocks until it is
+        committed. Steps a restore found corrupted are first renamed to `<step>.corrupt`
+        (never deleted), so a resumed run can write those step numbers again.
+        """
+        if not force and step % self.save_every:
+            return False
+        self._set_aside_corrupted()
+        latest = self.latest_step()
+        if latest is not None and step <= latest:
+            if step < latest:
+                warnings.warn(f"not saving step {step}: {self.directory} already holds step {latest}", stacklevel=2)
+            return False
+        items: dict[str, ocp.args.CheckpointArgs] = {"state": ocp.args.StandardSave(state)}
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(config.model_dump(mode="json"))
+        if data is not None:
+            items["data"] = DataSave(data)
+        return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def wait(self) -> None:
+        """Blocks until every started save is committed."""
+        self._manager.wait_until_finished()
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Every committed step, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def restore(self, abstract_state: Any, *, data: Pipeline | None = None, step: int | None = None) -> tuple[int, Any]:
+        """Restores `(step, state)`, each array onto the sharding its ShapeDtypeStruct carries.
+
+        The mesh may differ from the one saved with (shape, device count). Tries `step` (default:
+        the newest), then each older step, warning about every one that fails to read back; with
+        `data`, the pipeline position comes from the same step as the state. Raises CheckpointError
+        when none reads back, and the pipeline's DataStateError (no fallback: not damage) when the
+        position was saved with other data settings or another host count.
+        """
+        self.wait()
+        steps = [s for s in self.all_steps() if step is None or s <= step]
+        if not steps or (step is not None and step not in steps):
+            raise CheckpointError(f"{self.directory}: no step {step or ''} to restore (have {self.all_steps()})")
+
+        def check(step_dir: Path) -> None:
+            _check_state(step_dir)
+            if data is not None:
+                DataHandler.check(step_dir / "data", data)
+
+        def read(step_dir: Path) -> Any:
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+            state = self._manager.restore(int(step_dir.name), args=args).state
+            if data is not None:  # host-local, after orbax's closing barrier: see _newest_readable
+                DataHandler().restore(step_dir / "data", DataRestore(data))
+            return state
+
+        found, state, skipped = _newest_readable([self.directory / str(s) for s in steps], check, read)
+        self._corrupted = (self._corrupted - {int(found.name)}) | {int(d.name) for d in skipped}
+        return int(found.name), state
+
+    def restore_config(self, step: int | None = None) -> dict:
+        """The resolved config saved with `step` (default: the newest), as a JSON dict."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{self.directory}: no checkpoints")
+        self.wait()
+        return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+    def close(self) -> None:
+        """Waits for pending saves and releases orbax's resources."""
+        self._manager.close()
+
+    def _set_aside_corrupted(self) -> None:
+        """Renames steps a restore skipped to `<step>.corrupt[-n]`, which orbax does not list as steps."""
+        if not self._corrupted:
+            return
+        if jax.process_index() == 0:
+            for step in sorted(self._corrupted):
+                source = self.directory / str(step)
+                target, n = self.directory / f"{step}.corrupt", 1
+                while target.exists():
+                    target, n = self.directory / f"{step}.corrupt-{n}", n + 1
+                if source.exists():
+                    source.rename(target)
+                    warnings.warn(f"moved unreadable checkpoint {source} to {target}", stacklevel=3)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("ponder_checkpoints_set_aside")
+        self._corrupted.clear()
+        self._manager.reload()
+
+
+def load_params(path: str | Path, abstract_params: Any) -> Any:
+    """The params of a saved train state, onto the shardings in `abstract_params` (for `init_from`).
+
+    `path` is a run directory, its `checkpoints/` (the newest readable step is used) or one
+    step directory. A partial restore (`PyTreeRestore(partial_restore=True)`): only the arrays under
+    `state["params"]` are read; the optimizer state stays on disk.
+    """
+    path = Path(path).absolute()
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if (path / "checkpoints").is_dir():  # a run directory
+        path = path / "checkpoints"
+    if (path / "state").is_dir():
+        step_dirs = [path]
+    else:
+        step_dirs = sorted((p for p in path.iterdir() if p.name.isdigit() and p.is_dir()), key=lambda p: int(p.name))
+    if not step_dirs:
+        raise CheckpointError(f"{path}: neither a checkpoint step (no state/) nor a directory of steps")
+    item = {"params": abstract_params}
+    restore_args = {"params": ocp.checkpoint_utils.construct_restore_args(abstract_params)}
+    args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+
+    def read(step_dir: Path) -> Any:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            return checkpointer.restore(step_dir / "state", args=args)["params"]
+
+    return _newest_readable(step_dirs, _check_state, read)[1]
+
+
+def _check_state(step_dir: Path) -> None:
+    """Host-local checks of a step's own and its state's metadata (JSON both)."""
+    json.loads((step_dir / METADATA_FILE).read_text())
+    json.loads((step_dir / "state" / "_METADATA").read_text())
+
+
+def _newest_readable(step_dirs: list[Path], check: Callable[[Path], None],
+                     read: Callable[[Path], T]) -> tuple[Path, T, list[Path]]:
+    """`(step_dir, read(step_dir), skipped)` for the newest step that every process reads back.
+
+    `step_dirs` run oldest first. A step is skipped, with a warning naming it and the error,
+    when `check` or `read` raises on any process; nothing is deleted. Processes agree after
+    each, so they never continue from different steps. Orbax's restore ends in a collective
+    barrier, so multi-host, damage that only some hosts meet inside orbax's array reads (a
+    truncated shard file) stops the run instead; `check` catches what it can before that.
+    """
+    problems, skipped = [], []
+    for step_dir in reversed(step_dirs):
+        result, error = _attempt(check, step_dir)
+        if not (failed := _failed_processes(error)):
+            result, error = _attempt(read, step_dir)
+            if not (failed := _failed_processes(error)):
+                return step_dir, result, skipped
+        error = error or f"processes {failed} could not read it (see their logs)"
+        problems.append(f"{step_dir}: {error}")
+        skipped.append(step_dir)
+        warnings.warn(f"checkpoint {step_dir} is unreadable, trying an older step: {error}", stacklevel=3)
+    raise CheckpointError(f"no readable checkpoint in {step_dirs[0].parent}:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _attempt(fn: Callable[[Path], T], step_dir: Path) -> tuple[T | None, str | None]:
+    """`(fn(step_dir), None)`, or `(None, what went wrong)`; DataStateError (settings, not damage) propagates."""
+    try:
+        return fn(step_dir), None
+    except DataStateError:
+        raise
+    except Exception as err:  # any other failure to read back means: try an older step
+        return None, f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+
+
+def _failed_processes(error: str | None) -> list[int]:
+    """The processes that met an error (all agree on this list, so all fall back together)."""
+    if jax.process_count() == 1:
+        return [0] if error else []
+    return np.flatnonzero(multihost_utils.process_allgather(np.asarray(error is not None))).tolist()
