@@ -157,6 +157,49 @@ class TrainConfig(Strict):
         return self
 
 
+class SearchConfig(Strict):
+    """Inference-time search over reasoning steps (`ponder search`): strategy, sizes, scorer, budget."""
+
+    strategy: Literal["sample", "best_of_n", "beam", "dvts", "mcts"] = "beam"
+    n: int = Field(4, gt=0)
+    m: int = Field(4, gt=0)
+    children: int = Field(4, gt=0)
+    simulations: int = Field(16, gt=0)
+    wave: int = Field(4, gt=0)
+    c1: float = Field(1.25, gt=0)
+    c2: float = Field(19652.0, gt=0)
+    max_steps: int = Field(12, gt=0)
+    max_step_tokens: int = Field(48, gt=0)
+    max_len: int = Field(512, gt=1)
+    page_size: int = Field(16, gt=0)
+    num_pages: int = Field(0, ge=0)
+    aggregate: Literal["last", "min", "product"] = "last"
+    select: Literal["majority", "best", "weighted"] = "weighted"
+    scorer: Literal["logprob", "reward", "oracle"] = "logprob"
+    reward_checkpoint: str | None = None
+    temperature: float = Field(1.0, ge=0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    budget: float = Field(0.0, ge=0)
+    budget_unit: Literal["tokens", "flops"] = "tokens"
+    batch_size: int = Field(8, gt=0)
+    prompt_buckets: list[int] = Field(default_factory=lambda: [32, 64, 128, 256])
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchConfig:
+        if self.strategy == "dvts" and self.n % self.m:
+            raise ValueError(f"dvts: n ({self.n}) must be a multiple of m ({self.m})")
+        if self.scorer == "reward" and not self.reward_checkpoint:
+            raise ValueError("scorer: reward needs reward_checkpoint (a run or checkpoint of a value-head model)")
+        if not self.prompt_buckets or any(width < 2 for width in self.prompt_buckets):
+            raise ValueError(f"prompt_buckets must be widths of at least 2 tokens, got {self.prompt_buckets}")
+        if self.max_step_tokens + 2 > self.max_len:
+            raise ValueError(f"max_len ({self.max_len}) leaves no room for a step of max_step_tokens "
+                             f"({self.max_step_tokens}) after a prompt")
+        return self
+
+
 class Config(Strict):
     """A whole ponder config: what every command resolves and writes into its run directory."""
 
@@ -166,6 +209,7 @@ class Config(Strict):
     data: DataConfig = DataConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     train: TrainConfig = TrainConfig()
+    search: SearchConfig = SearchConfig()
     # logical axis name -> mesh axis, list of mesh axes, or null (replicated)
     logical_axis_rules: dict[str, MeshAxes | list[MeshAxes] | None] = Field(default_factory=dict)
 
@@ -174,6 +218,10 @@ class Config(Strict):
         if self.data.batch_size % self.train.microbatches:
             raise ValueError(
                 f"train.microbatches ({self.train.microbatches}) must divide data.batch_size ({self.data.batch_size})"
+            )
+        if self.search.max_len > self.model.max_seq_len:
+            raise ValueError(
+                f"search.max_len ({self.search.max_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
             )
         for name, axes in self.logical_axis_rules.items():
             if name not in LOGICAL_AXES:

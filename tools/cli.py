@@ -20,7 +20,8 @@ from importlib.metadata import PackageNotFoundError, version
 from configs.load import ConfigError, load_config
 from configs.schema import Config
 
-COMMANDS = ("info", "train", "data", "vocab", "bench")  # module names under tools/, in the order --help lists them
+# Module names under tools/, in the order --help lists them.
+COMMANDS = ("info", "train", "generate", "search", "data", "vocab", "bench")
 
 DESCRIPTION = """\
 ponder is a JAX/TPU-first stack for reasoning models: pretrain a Flax NNX transformer on a

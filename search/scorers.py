@@ -1,0 +1,182 @@
+"""Scorers: a score in [0, 1] for each newly generated step, read from the node's pages.
+
+    logprob   the policy's own confidence: exp(mean token log-prob of the step); no extra model
+    reward    the scalar head of a ponder transformer (a PRM), fed only the step's tokens
+              against its own page pool (same page ids as the policy's), so the prefix is
+              never re-read: sigmoid(value) at the step's last token
+    oracle    ORACLE, for tests and upper bounds only: the task's step checker (and verifier
+              for the answer line) run on the host through `jax.pure_callback`
+
+A scorer is static configuration; its parameters travel separately (`params`) so the
+jitted search does not recompile when they change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model.paged import PagedKVCache, init_cache
+from search.tree import copy_pages
+from train.flops import matmul_params
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The rows of one expansion: each row is a new node's step.
+
+    page_table [R, P]: the new node's path pages; start [R]: slots cached before the step;
+    parent_pending [R]: the parent's last token (fed first); tokens, logprobs [R, S]; num [R];
+    active [R]; tree_index [R]: which problem; path [R, D, S] and path_len [R, D]: the
+    ancestors' step tokens from the root down (oracle only; zero-size otherwise).
+    """
+
+    page_table: jax.Array
+    start: jax.Array
+    parent_pending: jax.Array
+    tokens: jax.Array
+    logprobs: jax.Array
+    num: jax.Array
+    active: jax.Array
+    tree_index: jax.Array
+
+
+class Scorer:
+    """The interface. `cache` is the scorer's own page pool (None when it needs none)."""
+
+    name = "none"
+    oracle = False
+    needs_path = False
+
+    def init_cache(self, num_pages: int, page_size: int) -> PagedKVCache | None:
+        return None
+
+    def prefill(self, params, cache, prompts, page_table, lengths):
+        return cache
+
+    def copy(self, cache, sources, targets):
+        return cache if cache is None else copy_pages(cache, sources, targets)
+
+    def score(self, params, cache, steps: Steps, path=None) -> tuple[jax.Array, Any]:
+        raise NotImplementedError
+
+    def flops(self, start: jax.Array, num: jax.Array) -> jax.Array:
+        """Model FLOPs of scoring steps of `num` tokens starting at slot `start` (0 without a model)."""
+        return jnp.zeros(start.shape, jnp.float32)
+
+
+class LogProbScorer(Scorer):
+    """exp(mean log-prob) of the step's tokens under the policy: free, and a weak signal."""
+
+    name = "logprob"
+
+    def score(self, params, cache, steps, path=None):
+        mean = jnp.sum(steps.logprobs, axis=-1) / jnp.maximum(steps.num, 1)
+        return jnp.exp(mean), cache
+
+
+def decode_flops(model_cfg, start: jax.Array, num: jax.Array) -> jax.Array:
+    """Forward model FLOPs of `num` tokens at slots start..start+num-1 (matmuls + causal attention)."""
+    per_token = 2.0 * matmul_params(model_cfg)
+    attention = 4.0 * model_cfg.num_layers * model_cfg.num_heads * model_cfg.resolved_head_dim
+    slot_sum = num * start + num * (num + 1) / 2  # each token attends to its slot + 1 keys
+    return (per_token * num + attention * slot_sum).astype(jnp.float32)
+
+
+class RewardModelScorer(Scorer):
+    """A ponder transformer with `model.value_head`; sigmoid of its head at each step's last token."""
+
+    name = "reward"
+
+    def __init__(self, graphdef: nnx.GraphDef, model_cfg):
+        self.graphdef, self.model_cfg = graphdef, model_cfg
+
+    def init_cache(self, num_pages, page_size):
+        return init_cache(self.model_cfg, num_pages, page_size)
+
+    def prefill(self, params, cache, prompts, page_table, lengths):
+        model = nnx.merge(self.graphdef, params)
+        _, cache = model.prefill(prompts, page_table, cache, lengths - 1)
+        return cache
+
+    def score(self, params, cache, steps, path=None):
+        model = nnx.merge(self.graphdef, params)
+        tokens = jnp.concatenate([steps.parent_pending[:, None], steps.tokens], axis=1)  # [R, S + 1]
+        positions = steps.start[:, None] + jnp.arange(tokens.shape[1])[None, :]
+        num_new = jnp.where(steps.active, steps.num + 1, 0)
+        hidden, cache = model.decode_hidden(tokens, positions, steps.page_table, steps.start, cache, num_new)
+        last = jnp.take_along_axis(hidden, steps.num[:, None, None].clip(0, tokens.shape[1] - 1), axis=1)
+        return jax.nn.sigmoid(model.value(last)[:, 0]), cache
+
+    def flops(self, start, num):
+        return decode_flops(self.model_cfg, start, num + 1)
+
+
+class OracleScorer(Scorer):
+    """ORACLE (tests and upper bounds only): the task's own step checker and verifier, on the host.
+
+    Set `problems` (one `tasks.Problem` per tree of the batch) before each search call. Run it
+    on one device: the host callback aborted on a batch sharded over 8 simulated CPU devices.
+    A step scores 1.0 if the checker accepts it given the path so far (the answer line: if
+    the verifier accepts the answer), else 0.0.
+    """
+
+    name = "oracle"
+    oracle = True
+    needs_path = True
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+        self.problems: list = []
+
+    def _host_score(self, tree_index, path, path_len, tokens, num, active):
+        from search.sampler import decode_text
+        from tasks import get_task
+        from tasks.base import ANSWER_PREFIX
+
+        tree_index, path, path_len, tokens, num, active = (
+            np.asarray(x) for x in (tree_index, path, path_len, tokens, num, active)
+        )
+        scores = np.zeros(tree_index.shape, np.float32)
+        for r in range(tree_index.shape[0]):
+            if not active[r]:
+                continue
+            problem = self.problems[int(tree_index[r])]
+            ids = [t for d in range(path.shape[1]) for t in path[r, d, : path_len[r, d]].tolist()]
+            ids += tokens[r, : num[r]].tolist()  # numpy: never touch jax arrays inside a callback
+            text = decode_text(self.vocab, ids)
+            step = decode_text(self.vocab, tokens[r, : num[r]])
+            task = get_task(problem.task)
+            if step.startswith(ANSWER_PREFIX):
+                scores[r] = task.score(problem, text)[0]
+            else:
+                labels = task.check_steps(problem, text)
+                scores[r] = float(labels[-1]) if labels else 0.0
+        return scores
+
+    def score(self, params, cache, steps, path=None):
+        path_tokens, path_len = path
+        result = jax.pure_callback(
+            self._host_score,
+            jax.ShapeDtypeStruct(steps.num.shape, jnp.float32),
+            steps.tree_index, path_tokens, path_len, steps.tokens, steps.num, steps.active,
+        )
+        return result, cache
+
+
+def make_scorer(name: str, *, vocab=None, reward_graphdef=None, reward_cfg=None) -> Scorer:
+    if name == "logprob":
+        return LogProbScorer()
+    if name == "oracle":
+        return OracleScorer(vocab)
+    if name == "reward":
+        if reward_graphdef is None:
+            raise ValueError("search.scorer=reward needs a reward model (search.reward_checkpoint)")
+        return RewardModelScorer(reward_graphdef, reward_cfg)
+    raise ValueError(f"unknown scorer {name!r}; expected logprob, reward or oracle")

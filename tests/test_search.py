@@ -1,0 +1,193 @@
+"""The step tree and the search strategies: invariants, paged paths vs dense forward, determinism."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs.load import load_config
+from model.transformer import create_model
+from search.sampler import Sampling, encode_prompts
+from search.scorers import LogProbScorer, RewardModelScorer
+from search.strategies import Models, SearchSpec, candidates, choose, run_search
+from search.tree import allocate, check_invariants, path_tokens, release
+from train.data import get_vocabulary
+
+PROMPTS = ["Compute: 1 + 2\n", "Compute: (3 * 4) - 5 + 6\n", "Numbers: 3 5 7\nTarget: 15\n"]
+SPECS = {
+    "sample": SearchSpec(strategy="sample"),
+    "best_of_n": SearchSpec(strategy="best_of_n", n=3),
+    "beam": SearchSpec(strategy="beam", n=2, m=3),
+    "dvts": SearchSpec(strategy="dvts", n=4, m=2),
+    "mcts": SearchSpec(strategy="mcts", children=3, simulations=8, wave=2),
+}
+SHAPE = dict(max_steps=5, max_step_tokens=10, max_len=128, page_size=8)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    cfg = load_config("configs/models/tiny.yaml")
+    graphdef, params = nnx.split(create_model(cfg.model, cfg.rules(), seed=0))
+    return cfg, graphdef, params
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return get_vocabulary("byte")
+
+
+RUN = jax.jit(run_search, static_argnums=(0, 1))
+LOGPROB = LogProbScorer()
+_RESULTS: dict = {}
+
+
+def _run(policy, vocab, spec, prompts=PROMPTS, seeds=None, scorer=None, scorer_params=None):
+    """The search's (state, chosen); plain log-prob runs are computed once per module."""
+    cfg, graphdef, params = policy
+    seeds = tuple(range(len(prompts)) if seeds is None else seeds)
+    cache_key = (spec, tuple(prompts), seeds) if scorer is None else None
+    if cache_key in _RESULTS:
+        return _RESULTS[cache_key]
+    tokens, lengths = encode_prompts(vocab, prompts, 40)
+    keys = jnp.stack([jax.random.fold_in(jax.random.key(0), s) for s in seeds])
+    models = Models(graphdef, cfg.model, scorer or LOGPROB)
+    result = RUN(spec, models, params, scorer_params, jnp.asarray(tokens), jnp.asarray(lengths), keys)
+    if cache_key is not None:
+        _RESULTS[cache_key] = result
+    return result
+
+
+def _spec(name, **changes):
+    return dataclasses.replace(SPECS[name], **{**SHAPE, "sampling": Sampling(temperature=1.0), **changes})
+
+
+def _inputs(policy, vocab):
+    cfg, graphdef, params = policy
+    tokens, lengths = encode_prompts(vocab, PROMPTS, 40)
+    keys = jnp.stack([jax.random.fold_in(jax.random.key(0), s) for s in range(len(PROMPTS))])
+    return Models(graphdef, cfg.model, LOGPROB), params, None, jnp.asarray(tokens), jnp.asarray(lengths), keys
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_tree_invariants_hold_no_page_leaks_and_runs_repeat(policy, vocab, name):
+    state, chosen = _run(policy, vocab, _spec(name))
+    assert check_invariants(state.tree) == []
+    tree = state.tree
+    assert not bool(tree.out_of_room.any())
+    assert (np.asarray(tree.node_count) > 1 + SHAPE["max_steps"] - 2).all()
+    # the stats count what the tree holds, and every problem ends with at least one finished chain
+    step_tokens = np.asarray(tree.step_len).sum(axis=1)
+    assert np.allclose(np.asarray(state.tokens), step_tokens)
+    cands = candidates(_spec(name), state, chosen, vocab)
+    assert all(any(c.finished for c in row) for row in cands)
+    again, _ = RUN(_spec(name), *_inputs(policy, vocab))  # same seed: the same tree, bit for bit
+    for a, b in zip(jax.tree.leaves(state.tree), jax.tree.leaves(again.tree), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_beam_search_reuses_pruned_pages(policy, vocab):
+    """With a pool too small to keep every node's pages, beam search still finishes: pruned pages are reused."""
+    spec = _spec("beam")
+    full, _ = _run(policy, vocab, spec)
+    created = int(np.asarray(full.tree.node_count).sum())
+    small = dataclasses.replace(spec, num_pages=created)  # one page per node; a step can span two
+    state, _ = _run(policy, vocab, small)
+    assert check_invariants(state.tree) == []
+    assert not bool(state.tree.out_of_room.any())
+    np.testing.assert_array_equal(np.asarray(state.tree.tokens), np.asarray(full.tree.tokens))
+
+
+def test_allocator_grants_in_order_and_refuses_what_does_not_fit():
+    free = jnp.ones((10,), bool).at[jnp.array([1, 4])].set(False)
+    pages, granted, free_after = allocate(free, jnp.array([3, 0, 4, 2]), 4)
+    assert granted.tolist() == [True, True, True, False]
+    taken = np.asarray(pages)[np.asarray(pages) >= 0]
+    assert sorted(taken.tolist()) == [0, 2, 3, 5, 6, 7, 8]
+    assert int(free_after.sum()) == 1
+    assert int(release(free_after, pages).sum()) == 8
+
+
+@pytest.mark.parametrize("name", ["best_of_n", "mcts"])
+def test_a_problem_does_not_depend_on_the_rest_of_its_batch(policy, vocab, name):
+    spec = _spec(name)
+    batch, chosen_batch = _run(policy, vocab, spec)
+    alone, chosen_alone = _run(policy, vocab, spec, prompts=[PROMPTS[1]], seeds=[1])
+    texts = lambda state, chosen, b: [c.text for c in candidates(spec, state, chosen, vocab)[b]]  # noqa: E731
+    assert texts(alone, chosen_alone, 0) == texts(batch, chosen_batch, 1)
+    np.testing.assert_array_equal(np.asarray(alone.tokens)[0], np.asarray(batch.tokens)[1])
+
+
+def _live_contexts(state, vocab):
+    """(b, node, context tokens) for every node that still holds its pages."""
+    tree = jax.tree.map(np.asarray, state.tree)
+    prompt_tokens, lengths = encode_prompts(vocab, PROMPTS, 40)
+    out = []
+    for b in range(len(PROMPTS)):
+        for n in range(int(tree.node_count[b])):
+            if tree.alive[b, n] and (tree.own_pages[b, n] >= 0).any():
+                out.append((b, n, prompt_tokens[b, : lengths[b]].tolist() + path_tokens(tree, b, n)))
+    return tree, out
+
+
+def _dense(model_fn, contexts, width=128):
+    """model_fn(tokens [R, width]) at each context's last position, in one jitted call."""
+    tokens = np.zeros((len(contexts), width), np.int32)
+    for row, context in enumerate(contexts):
+        tokens[row, : len(context)] = context
+    last = np.array([len(c) - 1 for c in contexts])
+    return np.asarray(jax.jit(model_fn)(jnp.asarray(tokens)))[np.arange(len(contexts)), last]
+
+
+@pytest.mark.parametrize("name", ["best_of_n", "beam"])
+def test_paths_through_pages_match_a_dense_forward(policy, vocab, name):
+    """Every live node's next-token logits from its pages equal the full forward over its path's text."""
+    cfg, graphdef, params = policy
+    state, _ = _run(policy, vocab, _spec(name))
+    tree, nodes = _live_contexts(state, vocab)
+    assert len(nodes) >= 2 * len(PROMPTS)
+    dense = _dense(nnx.merge(graphdef, params), [context for _, _, context in nodes])
+    b, n = np.array([x[0] for x in nodes]), np.array([x[1] for x in nodes])
+    kv_len = tree.kv_len[b, n]
+    np.testing.assert_array_equal(kv_len, [len(context) - 1 for _, _, context in nodes])
+
+    @jax.jit
+    def paged(pending, kv_len, table, cache):
+        return nnx.merge(graphdef, params).decode(pending[:, None], kv_len[:, None], table, kv_len, cache)[0][:, 0]
+
+    got = paged(jnp.asarray(tree.pending[b, n]), jnp.asarray(kv_len), jnp.asarray(tree.page_table[b, n]), state.cache)
+    np.testing.assert_allclose(np.asarray(got), dense, atol=1e-5)
+
+
+def test_reward_model_scorer_scores_steps_incrementally(policy, vocab):
+    """The reward head read through the scorer's own pages equals the head on the full sequence."""
+    cfg = load_config("configs/models/tiny.yaml", ["model.value_head=true", "model.num_layers=1"])
+    reward = create_model(cfg.model, cfg.rules(), seed=3)
+    graphdef, params = nnx.split(reward)
+    state, _ = _run(policy, vocab, _spec("beam"), scorer=RewardModelScorer(graphdef, cfg.model), scorer_params=params)
+    tree = jax.tree.map(np.asarray, state.tree)
+    prompt_tokens, lengths = encode_prompts(vocab, PROMPTS, 40)
+    nodes = [(b, n) for b in range(len(PROMPTS)) for n in range(1, int(tree.node_count[b]))]
+    contexts = [prompt_tokens[b, : lengths[b]].tolist() + path_tokens(tree, b, n) for b, n in nodes]
+    expected = _dense(lambda tokens: jax.nn.sigmoid(reward.value(reward.hidden(tokens))), contexts)
+    got = np.array([tree.score[b, n] for b, n in nodes])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_selection_rules():
+    from search.strategies import Candidate
+
+    cands = [
+        Candidate(1, "", "7", 0.9, -1.0, True),
+        Candidate(2, "", "5", 0.2, -1.0, True),
+        Candidate(3, "", "5", 0.3, -1.0, True),
+        Candidate(4, "", None, 1.0, -1.0, False),
+    ]
+    assert choose(cands, "majority").answer == "5"
+    assert choose(cands, "best").answer == "7"
+    assert choose(cands, "weighted").answer == "7"  # 0.9 > 0.2 + 0.3
+    assert choose([Candidate(4, "", None, 1.0, -1.0, False)], "majority").node == 4
