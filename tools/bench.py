@@ -301,6 +301,7 @@ def bench_decode_vs_hf(args: argparse.Namespace) -> dict[str, float]:
 def bench_search_overhead(args) -> None:
     """Generated tokens/s of beam and mcts over plain batched sampling of as many tokens (same model, rows)."""
     import functools
+
     import jax
     import jax.numpy as jnp
     from flax import nnx
