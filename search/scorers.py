@@ -33,8 +33,8 @@ class Steps:
 
     page_table [R, P]: the new node's path pages; start [R]: slots cached before the step;
     parent_pending [R]: the parent's last token (fed first); tokens, logprobs [R, S]; num [R];
-    active [R]; tree_index [R]: which problem; path [R, D, S] and path_len [R, D]: the
-    ancestors' step tokens from the root down (oracle only; zero-size otherwise).
+    active [R]; tree_index [R]: which problem. Scorers that need the text of the path so far
+    (`needs_path`) also get the ancestors' step tokens and lengths ([R, D, S], [R, D]).
     """
 
     page_table: jax.Array

@@ -65,7 +65,7 @@ class SearchSpec:
     @property
     def max_children(self) -> int:
         if self.strategy in ("sample", "best_of_n"):
-            return max(self.n, 1) if self.strategy == "best_of_n" else 1
+            return self.n  # the root's chains; resolve() makes n = 1 for sample
         if self.strategy == "mcts":
             return self.children
         return max(self.groups * self.width * self.m, self.m)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from tasks import TASKS
@@ -47,25 +47,33 @@ def write_problems(path: str | os.PathLike, problems: Iterable[Problem]) -> None
         raise
 
 
+def iter_problem_lines(path: str | os.PathLike) -> Iterator[tuple[int, Problem | str]]:
+    """(1-based line number, the Problem or `file:line: reason`) for each non-blank line of a file."""
+    path = os.fspath(path)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, _parse_line(line)
+            except ValueError as err:
+                yield number, f"{path}:{number}: {err}"
+
+
 def read_problems(path: str | os.PathLike, skip_bad_lines: bool = False) -> tuple[list[Problem], list[str]]:
     """The problems of a file, and `file:line: reason` for each bad line skipped.
 
     A bad line raises ProblemFileError (naming file, 1-based line and reason) unless
     `skip_bad_lines`, in which case it is skipped and reported.
     """
-    path = os.fspath(path)
     problems, bad = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                problems.append(_parse_line(line))
-            except ValueError as err:
-                report = f"{path}:{number}: {err}"
-                if not skip_bad_lines:
-                    raise ProblemFileError(report) from None
-                bad.append(report)
+    for _, parsed in iter_problem_lines(path):
+        if isinstance(parsed, Problem):
+            problems.append(parsed)
+        elif not skip_bad_lines:
+            raise ProblemFileError(parsed)
+        else:
+            bad.append(parsed)
     return problems, bad
 
 

@@ -108,6 +108,7 @@ def run_data(args: argparse.Namespace) -> int:
 def measure_train(cfg, steps: int) -> dict[str, float]:
     """Tokens/s, TFLOP/s per device and compile time of `cfg`'s train step on `steps` real batches."""
     import jax
+    import numpy as np
 
     from model.sharding import make_mesh
     from train.data import Pipeline, to_global
@@ -143,6 +144,7 @@ def measure_train(cfg, steps: int) -> dict[str, float]:
         "compile_s": compile_seconds,
         "mflops_per_token": flops / 1e6,
         "devices": mesh.size,
+        "params": sum(int(np.prod(p.shape)) for p in jax.tree.leaves(layout.abstract["params"])),
     }
 
 
@@ -173,7 +175,7 @@ def run_train(args: argparse.Namespace) -> int:
           f"{'TFLOP/s/dev':>12} {'MFU':>6}")
     for name, run_cfg in runs:
         result = measure_train(run_cfg, args.steps)
-        params = _param_count(run_cfg)
+        params = result["params"]
         shape = f"{run_cfg.data.batch_size}x{run_cfg.data.seq_len}"
         print(f"{name:<10} {params / 1e6:>7.1f}M {shape:>12} {result['compile_s']:>10.1f} {result['step_s']:>8.3f} "
               f"{result['tokens_per_s']:>10,.0f} {result['tflops_per_device']:>12.3f} "
@@ -183,17 +185,6 @@ def run_train(args: argparse.Namespace) -> int:
             print(f"{'':<10} data pipeline: {data['tokens_per_s']:,.0f} tokens/s on one host = "
                   f"{data['tokens_per_s'] / result['tokens_per_s']:.1f}x what training consumes")
     return 0
-
-
-def _param_count(cfg) -> int:
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    from model.transformer import Transformer
-
-    abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rules=cfg.rules(), rngs=nnx.Rngs(0)))
-    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
 
 SEARCH_SECTIONS = ("overhead", "hf")  # `ponder bench search` flags; none given runs them all

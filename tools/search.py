@@ -152,17 +152,15 @@ def search_spec(search_cfg, vocab):
 
 def read_problem_lines(path: Path) -> tuple[list, list[str]]:
     """[(line number, Problem)] of the file's valid lines, and `file:line: reason` for each bad one."""
-    from tasks.files import _parse_line
+    from tasks.base import Problem
+    from tasks.files import iter_problem_lines
 
     problems, bad = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                problems.append((number, _parse_line(line)))
-            except ValueError as err:
-                bad.append(f"{path}:{number}: {err}")
+    for number, parsed in iter_problem_lines(path):
+        if isinstance(parsed, Problem):
+            problems.append((number, parsed))
+        else:
+            bad.append(parsed)
     return problems, bad
 
 
