@@ -183,8 +183,8 @@ class Transformer(nnx.Module):
         x = jnp.take(table, tokens, axis=0)
         return constrain(x, BATCH_LENGTH_EMBED, self.rules)
 
-    def _run_layers(self, step, x, carry):
-        """Applies `step(block, layer_index, x, carry) -> (x, carry)` for each layer."""
+    def _run_layers(self, step, x, carry, unroll: int = 1):
+        """Applies `step(block, layer_index, x, carry) -> (x, carry)` for each layer (`unroll` per scan trip)."""
         graphdef, stacked = nnx.split(self.blocks)
 
         def body(state, layer_state_and_index):
@@ -197,7 +197,7 @@ class Transformer(nnx.Module):
             body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
         layers = jnp.arange(self.cfg.num_layers)
         if self.cfg.scan_layers:
-            (x, carry), _ = jax.lax.scan(body, (x, carry), (stacked, layers))
+            (x, carry), _ = jax.lax.scan(body, (x, carry), (stacked, layers), unroll=unroll)
         else:
             for i in range(self.cfg.num_layers):
                 (x, carry), _ = body((x, carry), jax.tree.map(lambda a, i=i: a[i], (stacked, layers)))
@@ -242,7 +242,9 @@ class Transformer(nnx.Module):
         def step(block, layer, x, cache):
             return block.paged(x, positions, layer, cache, page_table, lengths, num_new)
 
-        x, cache = self._run_layers(step, self._embed(tokens), cache)
+        # Unrolled (up to 8 layers per loop trip): a decode step is small, and a loop trip per
+        # layer costs as much as the layer on CPU.
+        x, cache = self._run_layers(step, self._embed(tokens), cache, unroll=min(self.cfg.num_layers, 8))
         return self.final_norm(x), cache
 
     def decode(self, tokens, positions, page_table, lengths, cache: PagedKVCache, num_new=None):

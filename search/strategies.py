@@ -445,8 +445,11 @@ def _path_mask(tree: Tree, b, node, max_depth: int) -> jax.Array:
 def select_wave(spec: SearchSpec, tree: Tree, wave: int) -> jax.Array:
     """[B, wave] leaves picked one after another, each path getting a virtual visit (value 0).
 
-    A picked unvisited leaf is not picked again in the wave while other unvisited leaves
-    are reachable: a virtual visit alone does not keep PUCT off it when its prior dominates.
+    A picked unvisited or terminal leaf is not picked again in the wave while other open
+    leaves are reachable: a virtual visit alone does not keep PUCT off it when its prior
+    dominates, and a terminal leaf picked twice would leave a second row of the expansion
+    idle. (Once a terminal leaf is the only choice it is picked again; it expands nothing
+    and its value is backed up once per pick, as in sequential MCTS.)
     """
 
     def per_tree(b):
@@ -467,8 +470,8 @@ def select_wave(spec: SearchSpec, tree: Tree, wave: int) -> jax.Array:
             visits, blocked, leaves = carry
             leaf = _select_leaf(spec, tree, b, visits, tree.value_sum, blocked)
             visits = visits.at[b].add(_path_mask(tree, b, leaf, spec.max_steps).astype(jnp.float32))
-            fresh = (tree.visits[b, leaf] == 0) & ~tree.terminal[b, leaf]
-            blocked = jnp.where(fresh, block(blocked, leaf), blocked)
+            closed = (tree.visits[b, leaf] == 0) | tree.terminal[b, leaf]  # nothing gained by a second pick
+            blocked = jnp.where(closed, block(blocked, leaf), blocked)
             return visits, blocked, leaves.at[i].set(leaf)
 
         carry = (tree.visits, jnp.zeros((tree.num_nodes,), bool), jnp.zeros((wave,), jnp.int32))

@@ -215,3 +215,22 @@ def test_wave_backs_up_every_selected_leaf():
     # Each wave's leaves were distinct and fresh, so each expanded a new node (the first wave
     # has only the root's K children to pick from).
     np.testing.assert_array_equal(tree.node_count, 1 + K * (1 + K + wave * (iterations - 1)))
+
+
+def test_wave_does_not_pick_a_terminal_leaf_twice_while_open_leaves_remain():
+    """A visited terminal leaf that PUCT favours is picked once per wave; the other picks find open leaves."""
+    seeds_v, seeds_p = problem_seeds(5)
+    spec = mcts_spec(SIMULATIONS, wave=1)
+    tree = jax.tree.map(np.asarray, run_ponder(seeds_v, seeds_p, 8, spec=spec))
+    terminal, visits, prior = tree.terminal.copy(), tree.visits.copy(), tree.prior.copy()
+    favourite = np.argmax(tree.alive & (tree.visits == 0), axis=1)  # an unexpanded leaf per tree
+    for b, node in enumerate(favourite):
+        terminal[b, node], visits[b, node] = True, 1.0  # as if it had been reached before and ended there
+        while node > 0:  # every step towards it all but certain under PUCT
+            prior[b, node] = 50.0
+            node = tree.parent[b, node]
+    tree = dataclasses.replace(tree, terminal=terminal, visits=visits, prior=prior)
+    leaves = np.asarray(jax.jit(select_wave, static_argnums=(0, 2))(spec, tree, 4))
+    for b in range(BATCH):
+        assert (leaves[b] == favourite[b]).sum() == 1, (leaves[b], favourite[b])
+        assert len(set(leaves[b].tolist())) == 4, leaves[b]
