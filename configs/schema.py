@@ -90,7 +90,7 @@ class DataConfig(Strict):
     """The seqio input pipeline: what to read, how to tokenize, pack and batch it."""
 
     mixture: dict[str, float] = Field(default_factory=lambda: {"arithmetic_d1_direct": 1.0})
-    objective: Literal["sft", "pretrain"] = "sft"
+    objective: Literal["sft", "pretrain", "reward"] = "sft"
     text_files: list[str] = Field(default_factory=list)
     text_validation_files: list[str] = Field(default_factory=list)
     vocab: str = "byte"
@@ -200,6 +200,15 @@ class SearchConfig(Strict):
         return self
 
 
+class RewardConfig(Strict):
+    """Reward-model training (`data.objective: reward`): labelled samples in, a value head's BCE out."""
+
+    kind: Literal["prm", "orm"] = "prm"
+    data: str | None = None
+    labels: Literal["soft", "hard"] = "soft"
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+
+
 class Config(Strict):
     """A whole ponder config: what every command resolves and writes into its run directory."""
 
@@ -210,6 +219,7 @@ class Config(Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     train: TrainConfig = TrainConfig()
     search: SearchConfig = SearchConfig()
+    reward: RewardConfig = RewardConfig()
     # logical axis name -> mesh axis, list of mesh axes, or null (replicated)
     logical_axis_rules: dict[str, MeshAxes | list[MeshAxes] | None] = Field(default_factory=dict)
 
@@ -223,6 +233,9 @@ class Config(Strict):
             raise ValueError(
                 f"search.max_len ({self.search.max_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
             )
+        if self.data.objective == "reward" and not (self.model.value_head and self.reward.data):
+            raise ValueError("data.objective: reward trains the value head on reward.data: set model.value_head=true "
+                             "and reward.data (a JSONL file from `ponder reward data`)")
         for name, axes in self.logical_axis_rules.items():
             if name not in LOGICAL_AXES:
                 raise ValueError(f"logical_axis_rules: unknown logical axis {name!r}; known: {', '.join(LOGICAL_AXES)}")

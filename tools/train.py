@@ -28,12 +28,13 @@ def run(args: argparse.Namespace) -> int:
     """Trains; prints the final metrics."""
     from train.checkpoint import CheckpointError
     from train.data import DataStateError
+    from train.reward_data import RewardDataError
     from train.trainer import TrainingError, train
 
     cfg = config_from_args(args)
     try:
         result = train(cfg, show_progress=not args.no_progress)
-    except (TrainingError, DataStateError, CheckpointError) as err:
+    except (TrainingError, DataStateError, CheckpointError, RewardDataError) as err:
         print(f"ponder train: error: {err}", file=sys.stderr)
         return 2
     shown = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in result.items()}

@@ -195,12 +195,15 @@ class Checkpoints:
         self._manager.reload()
 
 
-def load_params(path: str | Path, abstract_params: Any) -> Any:
+def load_params(path: str | Path, abstract_params: Any, *, allow_missing: bool = False) -> Any:
     """The params of a saved train state, onto the shardings in `abstract_params` (for `init_from`).
 
     `path` is a run directory, its `checkpoints/` (the newest readable step is used) or one
     step directory. A partial restore (`PyTreeRestore(partial_restore=True)`): only the arrays under
-    `state["params"]` are read; the optimizer state stays on disk.
+    `state["params"]` are read; the optimizer state stays on disk, and so do saved params that
+    `abstract_params` lacks (a policy's LM head is read into a reward model). Params that
+    `abstract_params` has and the checkpoint lacks (a fresh value head) raise CheckpointError,
+    unless `allow_missing`: then they come back as their ShapeDtypeStructs, for `init_state` to fill.
     """
     path = Path(path).absolute()
     if not path.is_dir():
@@ -221,7 +224,18 @@ def load_params(path: str | Path, abstract_params: Any) -> Any:
         with ocp.PyTreeCheckpointer() as checkpointer:
             return checkpointer.restore(step_dir / "state", args=args)["params"]
 
-    return _newest_readable(step_dirs, _check_state, read)[1]
+    params = _newest_readable(step_dirs, _check_state, read)[1]
+    missing = missing_params(params)
+    if missing and not allow_missing:
+        raise CheckpointError(f"{path}: the checkpoint has no {', '.join(missing)} (a different model config?)")
+    return params
+
+
+def missing_params(params: Any) -> list[str]:
+    """Dotted names of the leaves of `params` that are still ShapeDtypeStructs (not read from a checkpoint)."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return [jax.tree_util.keystr(path, simple=True, separator=".") for path, leaf in flat
+            if isinstance(leaf, jax.ShapeDtypeStruct)]
 
 
 def _check_state(step_dir: Path) -> None:

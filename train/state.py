@@ -86,13 +86,30 @@ def state_layout(cfg: Config, mesh: Mesh) -> StateLayout:
 
 
 def init_state(cfg: Config, layout: StateLayout, mesh: Mesh, params: dict | None = None) -> TrainState:
-    """A fresh train state, each array created in its shard; `params` (e.g. from init_from) replaces the init."""
+    """A fresh train state, each array created in its shard; `params` (e.g. from init_from) replaces the init.
+
+    Leaves of `params` that are ShapeDtypeStructs (`load_params(..., allow_missing=True)`: a
+    value head the checkpoint lacks) get their fresh initial values.
+    """
+    partial = params is not None and any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(params))
+
+    def fresh_params():
+        model = Transformer(cfg.model, rules=cfg.rules(), rngs=nnx.Rngs(cfg.seed))
+        return nnx.state(model).to_pure_dict()
 
     def init(params):
         if params is None:
-            model = Transformer(cfg.model, rules=cfg.rules(), rngs=nnx.Rngs(cfg.seed))
-            params = nnx.state(model).to_pure_dict()
+            params = fresh_params()
         return {"params": params, "opt_state": layout.optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
 
+    def init_partial(loaded):
+        fresh = fresh_params()
+        leaves = [fresh_leaf if loaded_leaf is None else loaded_leaf
+                  for fresh_leaf, loaded_leaf in zip(jax.tree.leaves(fresh), loaded, strict=True)]
+        return init(jax.tree.unflatten(jax.tree.structure(fresh), leaves))
+
     with jax.set_mesh(mesh):
+        if partial:  # the loaded arrays go in as a flat list, None where the fresh init stays
+            loaded = [None if isinstance(leaf, jax.ShapeDtypeStruct) else leaf for leaf in jax.tree.leaves(params)]
+            return jax.jit(init_partial, out_shardings=layout.shardings)(loaded)
         return jax.jit(init, out_shardings=layout.shardings)(params)

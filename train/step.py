@@ -1,4 +1,5 @@
-"""The jitted train and eval steps: masked next-token loss, gradient accumulation, non-finite guard.
+"""The jitted train and eval steps: masked next-token loss (or a reward head's BCE), gradient accumulation,
+non-finite guard.
 
 Both are pure functions of (state, batch) and are compiled ahead of time with explicit
 in/out shardings on the mesh; the train step donates the state it replaces.
@@ -18,6 +19,9 @@ from model.sharding import Rules, batch_sharding, constrain
 from train.state import StateLayout, TrainState
 
 BATCH_FEATURES = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+# data.objective: reward (train/reward.py): float `labels` in [0, 1] where `label_mask` is 1.
+REWARD_FEATURES = ("tokens", "labels", "label_mask", "segment_ids", "positions")
+FLOAT_FEATURES = ("loss_mask", "labels", "label_mask")
 
 
 def token_losses(graphdef: nnx.GraphDef, params: dict, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -31,15 +35,40 @@ def token_losses(graphdef: nnx.GraphDef, params: dict, batch: dict) -> tuple[jax
     return -jnp.sum(target_log_probs * mask), jnp.sum(mask), jnp.sum(correct * mask)
 
 
-def make_train_step(layout: StateLayout, schedule: optax.Schedule, microbatches: int, rules: Rules):
+def reward_losses(graphdef: nnx.GraphDef, params: dict, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Binary cross-entropy of the value head at label positions (soft labels allowed).
+
+    (sum of masked BCE, sum of `label_mask`, masked count of sigmoid(value) > 0.5 agreeing
+    with label > 0.5). The LM head is never run.
+    """
+    model = nnx.merge(graphdef, params)
+    values = model.value(model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"]))  # [B, T] float32
+    labels, mask = batch["labels"], batch["label_mask"]
+    bce = jax.nn.softplus(values) - labels * values  # -[y log sigmoid(v) + (1 - y) log(1 - sigmoid(v))]
+    correct = ((values > 0) == (labels > 0.5)).astype(jnp.float32)
+    return jnp.sum(bce * mask), jnp.sum(mask), jnp.sum(correct * mask)
+
+
+LOSSES = {"lm": (token_losses, BATCH_FEATURES), "reward": (reward_losses, REWARD_FEATURES)}
+
+
+def loss_kind(objective: str) -> str:
+    """The loss a `data.objective` trains with: `reward` for reward models, else the LM loss."""
+    return "reward" if objective == "reward" else "lm"
+
+
+def make_train_step(layout: StateLayout, schedule: optax.Schedule, microbatches: int, rules: Rules,
+                    loss: str = "lm"):
     """The train step: grads summed over `microbatches` slices (lax.scan), normalised by all loss tokens.
 
+    `loss` is `lm` (masked next-token loss) or `reward` (value-head BCE at label positions).
     A step whose loss or gradient norm is not finite leaves params and optimizer state
     unchanged (the step counter still advances with the data) and reports `finite = 0`.
     """
+    losses = LOSSES[loss][0]
 
     def loss_sums(params, batch):
-        loss_sum, count, correct = token_losses(layout.graphdef, params, batch)
+        loss_sum, count, correct = losses(layout.graphdef, params, batch)
         return loss_sum, (count, correct)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -84,40 +113,41 @@ def make_train_step(layout: StateLayout, schedule: optax.Schedule, microbatches:
     return train_step
 
 
-def make_eval_step(layout: StateLayout):
+def make_eval_step(layout: StateLayout, loss: str = "lm"):
     """Sums of loss, mask and correct predictions over one batch (the caller divides)."""
+    losses = LOSSES[loss][0]
 
     def eval_step(params: dict, batch: dict) -> dict:
-        loss_sum, count, correct = token_losses(layout.graphdef, params, batch)
+        loss_sum, count, correct = losses(layout.graphdef, params, batch)
         return {"loss_sum": loss_sum, "count": count, "correct": correct}
 
     return eval_step
 
 
-def abstract_batch(mesh: Mesh, rules: Rules, batch_size: int, seq_len: int) -> dict:
-    """ShapeDtypeStructs of a global batch, sharded over the batch axes."""
+def abstract_batch(mesh: Mesh, rules: Rules, batch_size: int, seq_len: int, loss: str = "lm") -> dict:
+    """ShapeDtypeStructs of a global batch (the features `loss` reads), sharded over the batch axes."""
     sharding = batch_sharding(mesh, rules, (batch_size, seq_len))
-    dtypes = {name: jnp.float32 if name == "loss_mask" else jnp.int32 for name in BATCH_FEATURES}
+    dtypes = {name: jnp.float32 if name in FLOAT_FEATURES else jnp.int32 for name in LOSSES[loss][1]}
     shape = (batch_size, seq_len)
     return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for name, dtype in dtypes.items()}
 
 
 def compile_steps(layout: StateLayout, schedule, mesh: Mesh, rules: Rules, batch_size: int, seq_len: int,
-                  microbatches: int):
+                  microbatches: int, loss: str = "lm"):
     """Lowers and compiles (ahead of time) the train and eval steps; returns them and the seconds taken."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    batch = abstract_batch(mesh, rules, batch_size, seq_len)
+    batch = abstract_batch(mesh, rules, batch_size, seq_len, loss)
     batch_shardings = {name: spec.sharding for name, spec in batch.items()}
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         train = jax.jit(
-            make_train_step(layout, schedule, microbatches, rules),
+            make_train_step(layout, schedule, microbatches, rules, loss),
             in_shardings=(layout.shardings, batch_shardings),
             out_shardings=(layout.shardings, replicated),
             donate_argnums=(0,),
         ).lower(layout.abstract, batch).compile()
         evaluate = jax.jit(
-            make_eval_step(layout),
+            make_eval_step(layout, loss),
             in_shardings=(layout.shardings["params"], batch_shardings),
             out_shardings=replicated,
         ).lower(layout.abstract["params"], batch).compile()

@@ -1,4 +1,4 @@
-"""The training loop: pretraining and SFT on a mesh, with checkpoints, metrics, eval and preemption.
+"""The training loop: pretraining, SFT and reward models on a mesh, with checkpoints, metrics, eval and preemption.
 
     result = train(load_config("experiments/tiny"))
 
@@ -20,13 +20,13 @@ import numpy as np
 from configs.load import save_config
 from configs.schema import Config
 from model.sharding import make_mesh
-from train.checkpoint import Checkpoints, load_params
+from train.checkpoint import CheckpointError, Checkpoints, load_params, missing_params
 from train.data import Pipeline, get_vocabulary, padded_vocab_size, to_global
 from train.flops import flops_per_token, peak_tflops
 from train.metrics import MetricsWriter
 from train.optim import learning_rate_schedule
 from train.state import init_state, state_layout
-from train.step import compile_steps
+from train.step import compile_steps, loss_kind
 
 
 class TrainingError(RuntimeError):
@@ -76,7 +76,7 @@ def train(cfg: Config, *, show_progress: bool = True) -> dict:
         save_config(cfg, run_dir)
     layout = state_layout(cfg, mesh)
     schedule = learning_rate_schedule(cfg.optimizer, tc.steps)
-    pipeline = Pipeline(cfg.data, seed=cfg.seed)
+    pipeline = data_source(cfg)
     checkpoints = Checkpoints(run_dir / "checkpoints", save_every=tc.checkpoint_every, keep=tc.keep_checkpoints,
                               async_save=tc.async_checkpoints)
 
@@ -84,12 +84,13 @@ def train(cfg: Config, *, show_progress: bool = True) -> dict:
         step, state = checkpoints.restore(layout.abstract, data=pipeline)
         resumed = f"resumed from step {step}"
     else:
-        params = load_params(tc.init_from, layout.abstract["params"]) if tc.init_from else None
+        params, fresh = _init_params(cfg, layout)
         state, step = init_state(cfg, layout, mesh, params), 0
-        resumed = f"params from {tc.init_from}" if tc.init_from else "fresh start"
+        resumed = f"params from {tc.init_from}{fresh}" if tc.init_from else "fresh start"
 
     train_step, eval_step, compile_seconds = compile_steps(
-        layout, schedule, mesh, rules, cfg.data.batch_size, cfg.data.seq_len, tc.microbatches
+        layout, schedule, mesh, rules, cfg.data.batch_size, cfg.data.seq_len, tc.microbatches,
+        loss_kind(cfg.data.objective),
     )
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
     flops = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -164,9 +165,35 @@ def train(cfg: Config, *, show_progress: bool = True) -> dict:
         preemption.close()
 
 
+def data_source(cfg: Config, split: str = "train"):
+    """This host's batch stream: the seqio pipeline, or reward.data for `data.objective: reward`."""
+    if cfg.data.objective == "reward":
+        from train.reward_data import RewardData
+
+        return RewardData(cfg, split=split)
+    return Pipeline(cfg.data, seed=cfg.seed, split=split)
+
+
+def _init_params(cfg: Config, layout) -> tuple[dict | None, str]:
+    """Params from `train.init_from` (None without it), and a note on what was initialised fresh.
+
+    A value head the checkpoint lacks (a reward model initialised from a policy) starts fresh;
+    any other missing parameter is an error.
+    """
+    if not cfg.train.init_from:
+        return None, ""
+    params = load_params(cfg.train.init_from, layout.abstract["params"], allow_missing=True)
+    missing = missing_params(params)
+    other = [name for name in missing if not name.startswith("value_head")]
+    if other:
+        raise CheckpointError(f"train.init_from={cfg.train.init_from}: the checkpoint has no {', '.join(other)} "
+                              "(a different model config?)")
+    return params, " (value_head initialised fresh)" if missing else ""
+
+
 def _eval_batches(cfg: Config, mesh) -> list[dict]:
     """The same `eval_batches` validation batches for every evaluation of the run."""
-    pipeline = Pipeline(cfg.data, seed=cfg.seed, split="validation")
+    pipeline = data_source(cfg, split="validation")
     return [to_global(next(pipeline), mesh, cfg.rules()) for _ in range(cfg.train.eval_batches)]
 
 
