@@ -6,6 +6,8 @@ A file may name other files in a top-level `base:` (a path, or a list of paths, 
 the file that names them). Bases are applied first, in order, each file at most once per
 load (so two bases that share a parent do not re-apply it), then the file itself. Applying
 means a deep merge: mappings merge key by key, anything else (scalars, lists) replaces.
+The exception is `data.mixture`: a mixture is one whole, so a file or override that gives
+one replaces the inherited mixture instead of adding components to it.
 Overrides `key.sub=value` are applied last; the value is parsed as YAML (`4` is an int,
 `null` is None, `[data, fsdp]` a list).
 
@@ -136,12 +138,15 @@ def _apply_file(data: dict, path: Path, stack: list[Path], applied: set[Path], s
     return _merge(data, own, str(path), sources)
 
 
+WHOLE_MAPPINGS = {("data", "mixture")}  # replaced, never merged key by key
+
+
 def _merge(base: dict, over: dict, source: str, sources: Sources, prefix: KeyPath = ()) -> dict:
     """Deep merge of `over` onto `base` (new dict), recording `source` for every key it sets."""
     out = dict(base)
     for key, value in over.items():
         path = (*prefix, key)
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and path not in WHOLE_MAPPINGS:
             out[key] = _merge(out[key], value, source, sources, path)
             sources.pop(path, None)
             sources[path] = source

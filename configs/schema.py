@@ -209,6 +209,27 @@ class RewardConfig(Strict):
     eval_fraction: float = Field(0.1, ge=0, lt=1)
 
 
+class DemoConfig(Strict):
+    """`ponder demo`: the sizes of its stages (the policy's own training is `train.*`)."""
+
+    run_dir: str = "runs/demo"
+    problems: int = Field(200, gt=0)
+    budgets: list[int] = Field(default_factory=lambda: [1, 4, 16, 64])
+    strategies: list[Literal["sample", "best_of_n", "beam", "dvts", "mcts"]] = Field(
+        default_factory=lambda: ["sample", "best_of_n", "beam", "dvts", "mcts"])
+    reward_problems: int = Field(256, gt=0)
+    reward_problem_offset: int = Field(100_000, ge=0)
+    reward_samples: int = Field(4, gt=0)
+    mc_rollouts: int = Field(4, ge=0)
+    reward_steps: int = Field(100, gt=0)
+
+    @model_validator(mode="after")
+    def _check_budgets(self) -> DemoConfig:
+        if not self.budgets or min(self.budgets) < 1:
+            raise ValueError("demo.budgets: multiples of one sample's tokens, each >= 1")
+        return self
+
+
 class Config(Strict):
     """A whole ponder config: what every command resolves and writes into its run directory."""
 
@@ -220,6 +241,7 @@ class Config(Strict):
     train: TrainConfig = TrainConfig()
     search: SearchConfig = SearchConfig()
     reward: RewardConfig = RewardConfig()
+    demo: DemoConfig = DemoConfig()
     # logical axis name -> mesh axis, list of mesh axes, or null (replicated)
     logical_axis_rules: dict[str, MeshAxes | list[MeshAxes] | None] = Field(default_factory=dict)
 

@@ -234,3 +234,14 @@ def test_save_and_load_round_trip(tmp_path):
     # saving again replaces the file in place
     save_config(load_config("tiny"), tmp_path / "run")
     assert load_config(path) == load_config("tiny")
+
+
+def test_a_mixture_replaces_the_inherited_one(tmp_path):
+    """data.mixture is one whole: a child's mixture (file or override) does not add to its base's."""
+    child = tmp_path / "child.yaml"
+    parent = CONFIG_DIR / "experiments/demo_tiny.yaml"
+    child.write_text(f"base: {parent}\ndata:\n  mixture:\n    countdown_d1_direct: 1.0\n")
+    assert load_config(str(child)).data.mixture == {"countdown_d1_direct": 1.0}
+    assert load_config("experiments/demo_tiny").data.mixture == {"arithmetic_d2_direct": 1.0}  # not base's d1 too
+    cfg = load_config("experiments/demo_tiny", ["data.mixture={sudoku_d1_direct: 2.0}"])
+    assert cfg.data.mixture == {"sudoku_d1_direct": 2.0}

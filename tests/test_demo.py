@@ -1,0 +1,71 @@
+"""`ponder demo` at toy size (configs/experiments/demo_tiny.yaml), end to end in a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configs.load import load_config
+from tools.demo import markdown_table, rows_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _demo(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device: faster compiles on 2 cores
+    env["JAX_PLATFORMS"] = "cpu"
+    return subprocess.run([sys.executable, "-m", "tools.cli", "demo", "--config", "experiments/demo_tiny",
+                           "--run-dir", str(run_dir), "--no-progress", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("demo") / "run"
+    process = _demo(run_dir)
+    assert process.returncode == 0, process.stderr[-3000:]
+    return run_dir, process.stdout
+
+
+def test_demo_writes_a_table_a_plot_and_a_row_per_strategy_and_budget(demo_run):
+    run_dir, out = demo_run
+    cfg = load_config("experiments/demo_tiny")
+    expected = [(row.name, row.budget) for row in rows_for(cfg.demo.budgets, cfg.demo.strategies)]
+    # sample at x1; best_of_n three ways, beam, dvts and mcts at every budget above 1
+    assert len(expected) == 1 + 6 * sum(b > 1 for b in cfg.demo.budgets)
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [(r["name"], r["budget"]) for r in results["rows"]] == expected
+    for row in results["rows"]:
+        assert row["problems"] == cfg.demo.problems
+        assert 0.0 <= row["accuracy"] <= 1.0
+        assert row["tokens_per_problem"] > 0 and row["problems_per_s"] > 0
+    sample = results["rows"][0]
+    # a bigger budget spends more tokens than one sample (what the x-axis of the plot claims)
+    assert all(r["tokens_per_problem"] > sample["tokens_per_problem"] for r in results["rows"][1:])
+    assert set(results["reward_eval"]) == {"prm", "orm"}
+    assert results["stage_seconds"].keys() == {"policy", "reward data", "reward models", "search"}
+
+    png = (run_dir / "scaling.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("strategy") and "accuracy" in line)
+    table = lines[header + 2 : header + 2 + len(expected)]
+    assert [line.split()[0] for line in table] == [name for name, _ in expected]
+    assert markdown_table(results["rows"]).count("\n") == len(expected) + 1
+    for name in ("policy", "reward/data.jsonl", "reward/prm/config.yaml", "reward/orm/config.yaml", "problems.jsonl"):
+        assert (run_dir / name).exists(), name
+
+
+def test_a_second_run_skips_every_stage_and_keeps_the_results(demo_run):
+    run_dir, _ = demo_run
+    before = json.loads((run_dir / "results.json").read_text())["rows"]
+    process = _demo(run_dir)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert process.stdout.count("skipping") == 5, process.stdout  # policy, data, PRM, ORM, search
+    assert json.loads((run_dir / "results.json").read_text())["rows"] == before

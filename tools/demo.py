@@ -1,0 +1,411 @@
+"""`ponder demo`: the inference-time scaling curve, end to end, from nothing but this repository.
+
+    ponder demo                              # configs/experiments/demo.yaml into runs/demo
+    ponder demo --fresh                      # start over
+    ponder demo --config experiments/demo_tiny --run-dir /tmp/demo   # toy size (tests)
+
+Stages, each skipped when its output exists (the screen says so):
+
+1. policy      SFT of the config's policy on its task mixture (`ponder train`)    RUN/policy/
+2. reward data the policy's samples on train problems, labelled (`ponder reward data`)  RUN/reward/data.jsonl
+3. reward      a PRM and an ORM from the policy's checkpoint (`ponder reward train`) RUN/reward/{prm,orm}/
+4. search      every strategy at budgets of 1x..Nx the tokens of one sample, on
+               demo.problems held-out test problems (`ponder search`)              RUN/search/*.jsonl
+5. report      the table on screen, RUN/results.json and RUN/scaling.png
+
+A budget multiple B gives each problem about B times the tokens that one sampled chain
+costs on the same problems (measured by the `sample` row), and sizes N, the beams or the
+simulations from it; every row reports the tokens it really spent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from tools.cli import add_config_arguments
+
+DEFAULT_CONFIG = "experiments/demo"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One line of the table: a strategy (with its scorer and selection rule) at a budget multiple."""
+
+    name: str  # e.g. "best_of_n/prm-weighted"
+    strategy: str
+    scorer: str  # logprob, prm, orm
+    select: str  # majority, best, weighted
+    budget: int  # multiple of one sample's tokens
+
+    @property
+    def key(self) -> str:
+        return f"{self.name.replace('/', '_')}_x{self.budget}"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Registers `ponder demo`."""
+    parser = subparsers.add_parser(
+        "demo",
+        help="train a policy and reward models, then plot accuracy against thinking compute",
+        description="The whole pipeline on CPU: SFT the policy of --config (default "
+        f"{DEFAULT_CONFIG}), sample and label reward data, train a PRM and an ORM, run every "
+        "search strategy at budgets of 1x..Nx the tokens of one sample on demo.problems held-out "
+        "test problems, then print a table and write results.json and scaling.png into the run "
+        "directory. Stages whose outputs exist are skipped (re-running after an interruption "
+        "continues); --fresh starts over. Settings: the config's demo.* keys (documented in "
+        "configs/base.yaml), overridable as key=value.",
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--run-dir", default=None, help="where everything goes (default: demo.run_dir)")
+    parser.add_argument("--fresh", action="store_true", help="delete the run directory's outputs and start over")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from configs.load import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    except ConfigError as err:
+        print(f"ponder demo: error: {err}", file=sys.stderr)
+        return 2
+    run_dir = Path(args.run_dir or cfg.demo.run_dir)
+    if args.fresh and run_dir.exists():
+        _clear(run_dir)
+    start = time.perf_counter()
+    results = Demo(cfg, run_dir, show_progress=not args.no_progress).run()
+    print(f"ponder demo: done in {(time.perf_counter() - start) / 60:.1f} min; {run_dir / 'results.json'}, "
+          f"{run_dir / 'scaling.png'}")
+    return 0 if results else 1
+
+
+def _clear(run_dir: Path) -> None:
+    """Removes what the demo writes (and nothing else) under run_dir."""
+    import shutil
+
+    for name in ("policy", "reward", "search", "problems.jsonl", "results.json", "scaling.png"):
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    print(f"ponder demo: --fresh: cleared {run_dir}")
+
+
+def rows_for(budgets: list[int], strategies: list[str]) -> list[Row]:
+    """The table's rows: `sample` once, then each strategy at each budget multiple above 1."""
+    variants = {
+        "best_of_n": [("best_of_n/majority", "prm", "majority"), ("best_of_n/orm-weighted", "orm", "weighted"),
+                      ("best_of_n/prm-weighted", "prm", "weighted")],
+        "beam": [("beam/prm", "prm", "best")],
+        "dvts": [("dvts/prm", "prm", "best")],
+        "mcts": [("mcts/prm", "prm", "best")],
+    }
+    rows = [Row("sample", "sample", "logprob", "best", 1)] if "sample" in strategies else []
+    for strategy in strategies:
+        for name, scorer, select in variants.get(strategy, []):
+            rows += [Row(name, strategy, scorer, select, budget) for budget in budgets if budget > 1]
+    return rows
+
+
+class Demo:
+    """The stages, in order; each returns quickly when its output is already there."""
+
+    def __init__(self, cfg, run_dir: Path, *, show_progress: bool = True):
+        self.cfg, self.run_dir, self.show_progress = cfg, run_dir, show_progress
+        self.policy_dir = run_dir / "policy"
+        self.reward_dir = run_dir / "reward"
+        self.search_dir = run_dir / "search"
+
+    def say(self, message: str) -> None:
+        print(f"ponder demo: {message}", flush=True)
+
+    def run(self) -> dict:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        timings = {}
+        for name, stage in [("policy", self.train_policy), ("reward data", self.reward_data),
+                            ("reward models", self.reward_models), ("search", self.search)]:
+            start = time.perf_counter()
+            stage()
+            timings[name] = time.perf_counter() - start
+        return self.report(timings)
+
+    # -- 1. policy --
+
+    def policy_config(self):
+        train = self.cfg.train.model_copy(update={"run_dir": str(self.policy_dir)})
+        return self.cfg.model_copy(update={"train": train})
+
+    def train_policy(self) -> None:
+        from train.checkpoint import Checkpoints
+        from train.trainer import train
+
+        cfg = self.policy_config()
+        done = Checkpoints(self.policy_dir / "checkpoints", save_every=1, keep=1).latest_step()
+        if done is not None and done >= cfg.train.steps:
+            self.say(f"1/4 policy: {self.policy_dir} has step {done} of {cfg.train.steps}: skipping")
+            return
+        self.say(f"1/4 policy: SFT on {', '.join(cfg.data.mixture)} for {cfg.train.steps} steps -> {self.policy_dir}")
+        train(cfg, show_progress=self.show_progress)
+
+    # -- 2. reward data --
+
+    def reward_data(self) -> None:
+        from train.reward_labels import LabelSettings, build_reward_data, load_policy, plan_problems
+
+        demo = self.cfg.demo
+        out = self.reward_dir / "data.jsonl"
+        if out.exists():
+            self.say(f"2/4 reward data: {out} exists: skipping")
+            return
+        problems = plan_problems(self.cfg.data.mixture, demo.reward_problems, split="train", seed=self.cfg.seed,
+                                 start=demo.reward_problem_offset)
+        self.say(f"2/4 reward data: {demo.reward_samples} samples on each of {len(problems)} train problems, "
+                 f"labelled -> {out}")
+        settings = LabelSettings(samples=demo.reward_samples, mc_rollouts=demo.mc_rollouts,
+                                 max_new_tokens=self.cfg.search.max_len // 2, seed=self.cfg.seed)
+        summary = build_reward_data(load_policy(self.policy_dir), problems, out, settings,
+                                    show_progress=self.show_progress)
+        self.say(f"   {json.dumps(summary)}")
+
+    # -- 3. reward models --
+
+    def reward_models(self) -> None:
+        from tools.search import answer_key
+        from train.reward import train_reward_model
+
+        for kind in ("prm", "orm"):
+            run_dir = self.reward_dir / kind
+            report = run_dir / "reward_eval.json"
+            if report.exists():
+                self.say(f"3/4 {kind.upper()}: {run_dir} is trained: skipping")
+                continue
+            steps = self.cfg.demo.reward_steps
+            self.say(f"3/4 {kind.upper()}: {steps} steps from the policy's checkpoint -> {run_dir}")
+            result = train_reward_model(self.reward_dir / "data.jsonl", run_dir, policy=self.policy_dir, kind=kind,
+                                        overrides=(f"train.steps={self.cfg.demo.reward_steps}",),
+                                        show_progress=self.show_progress, answer_key=answer_key)
+            if not report.exists():  # no held-out records: still mark the stage as done
+                report.write_text(json.dumps(result["eval"]) + "\n")
+
+    # -- 4. search --
+
+    def test_problems(self) -> Path:
+        """demo.problems held-out test problems of the mixture, written as a problem file (once)."""
+        from train.reward_labels import plan_problems
+
+        path = self.run_dir / "problems.jsonl"
+        if not path.exists():
+            problems = plan_problems(self.cfg.data.mixture, self.cfg.demo.problems, split="test", seed=self.cfg.seed)
+            _write_atomic(path, "".join(json.dumps(p.to_json()) + "\n" for p in problems))
+        return path
+
+    def search(self) -> None:
+        rows = rows_for(self.cfg.demo.budgets, self.cfg.demo.strategies)
+        todo = [row for row in rows if not (self.search_dir / f"{row.key}.json").exists()]
+        if not todo:
+            self.say(f"4/4 search: all {len(rows)} rows are in {self.search_dir}: skipping")
+            return
+        self.say(f"4/4 search: {len(todo)} of {len(rows)} (strategy, budget) rows on "
+                 f"{self.cfg.demo.problems} test problems -> {self.search_dir}")
+        runner = SearchRunner(self.cfg, self.policy_dir, self.reward_dir, self.test_problems(), self.show_progress)
+        base = runner.run(Row("sample", "sample", "logprob", "best", 1), self.search_dir, None)
+        for row in todo:
+            runner.run(row, self.search_dir, base)
+
+    # -- 5. report --
+
+    def report(self, timings: dict) -> dict:
+        rows = rows_for(self.cfg.demo.budgets, self.cfg.demo.strategies)
+        results = [json.loads((self.search_dir / f"{row.key}.json").read_text()) for row in rows]
+        reward_eval = {kind: _read_json(self.reward_dir / kind / "reward_eval.json") for kind in ("prm", "orm")}
+        print_table(results)
+        summary = {
+            "config": self.cfg.model_dump(mode="json"),
+            "machine": _machine(),
+            "stage_seconds": timings,
+            "reward_eval": reward_eval,
+            "rows": results,
+        }
+        _write_atomic(self.run_dir / "results.json", json.dumps(summary, indent=1) + "\n")
+        plot_scaling(results, self.run_dir / "scaling.png", title=_plot_title(self.cfg))
+        return summary
+
+
+class SearchRunner:
+    """Runs one table row over the problem file with the shared `ponder search` machinery."""
+
+    def __init__(self, cfg, policy_dir: Path, reward_dir: Path, problems_path: Path, show_progress: bool):
+        from model.sharding import make_mesh
+        from tools.search import plan_batches, read_problem_lines
+        from train.checkpoint import load_params
+        from train.data import get_vocabulary
+        from train.state import state_layout
+
+        self.cfg, self.reward_dir, self.show_progress = cfg, reward_dir, show_progress
+        self.vocab = get_vocabulary(cfg.data.vocab)
+        self.mesh = make_mesh(cfg.mesh)
+        self.layout = state_layout(cfg, self.mesh)
+        self.params = load_params(policy_dir, self.layout.abstract["params"])
+        problems, bad = read_problem_lines(problems_path)
+        if bad:
+            raise ValueError(f"{problems_path}: {bad[0]}")
+        self.problems = problems
+        self.batches = plan_batches(problems, self.vocab, cfg.search.prompt_buckets, cfg.search.max_len,
+                                    min(cfg.search.batch_size, len(problems)))
+        self.searchers: dict = {}
+
+    def searcher(self, scorer_name: str):
+        """A Searcher per scorer (compiled programs are kept per searcher)."""
+        from search.scorers import make_scorer
+        from search.strategies import Models
+        from tools.search import Searcher, _scorer
+
+        if scorer_name not in self.searchers:
+            if scorer_name == "logprob":
+                scorer, scorer_params = make_scorer("logprob"), None
+            else:
+                search_cfg = self.cfg.search.model_copy(
+                    update={"scorer": "reward", "reward_checkpoint": str(self.reward_dir / scorer_name)})
+                scorer, scorer_params = _scorer(self.cfg.model_copy(update={"search": search_cfg}), self.vocab,
+                                                self.mesh)
+            self.searchers[scorer_name] = Searcher(Models(self.layout.graphdef, self.cfg.model, scorer), self.params,
+                                                   scorer_params, self.mesh)
+        return self.searchers[scorer_name]
+
+    def run(self, row: Row, out_dir: Path, base: dict | None) -> dict:
+        """The row's summary (also RUN/search/<key>.json, with per-problem lines in <key>.jsonl)."""
+        from tqdm import tqdm
+
+        from search.strategies import resolve, size_for_budget
+        from tools.search import search_batch, search_spec
+
+        summary_path = out_dir / f"{row.key}.json"
+        if summary_path.exists():
+            return json.loads(summary_path.read_text())
+        update = {"strategy": row.strategy, "select": row.select}
+        if row.scorer == "orm":
+            update["aggregate"] = "last"  # an ORM judges the whole chain: its score at the answer's EOS
+        search_cfg = self.cfg.search.model_copy(update=update)
+        spec = search_spec(search_cfg, self.vocab)
+        if base is not None and row.budget > 1:
+            sized = size_for_budget(row.strategy, row.budget * base["tokens_per_problem"],
+                                    base["tokens_per_problem"], base["steps_per_problem"], spec.m, spec.children)
+            spec = resolve(dataclasses.replace(spec, **sized))
+        searcher = self.searcher(row.scorer)
+        records, seconds = [], 0.0
+        with tqdm(total=len(self.problems), unit="problem", desc=f"{row.name} x{row.budget}",
+                  disable=not self.show_progress, leave=False) as bar:
+            for batch in self.batches:
+                batch_records, batch_seconds = search_batch(searcher, spec, batch, self.vocab, search_cfg, False)
+                records += batch_records
+                seconds += batch_seconds
+                bar.update(len(batch.rows))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out_dir / f"{row.key}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        count = len(records)
+        summary = {
+            "name": row.name, "strategy": row.strategy, "scorer": row.scorer, "select": row.select,
+            "budget": row.budget, "size": _size(spec), "problems": count,
+            "accuracy": sum(bool(r["correct"]) for r in records) / count,
+            "tokens_per_problem": sum(r["tokens"] for r in records) / count,
+            "steps_per_problem": sum(r["expansions"] for r in records) / count,
+            "flops_per_problem": sum(r["policy_flops"] + r["scorer_flops"] for r in records) / count,
+            "problems_per_s": count / seconds if seconds else float("inf"),
+            "search_seconds": seconds,
+        }
+        _write_atomic(summary_path, json.dumps(summary) + "\n")
+        print(f"  {row.name:<24} x{row.budget:<3} {summary['size']:<28} accuracy {summary['accuracy']:.3f}  "
+              f"{summary['tokens_per_problem']:>8.0f} tokens/problem  {summary['problems_per_s']:.2f} problems/s",
+              flush=True)
+        return summary
+
+
+def _size(spec) -> str:
+    return {"sample": "n=1", "best_of_n": f"n={spec.n}", "beam": f"beams={spec.n} m={spec.m}",
+            "dvts": f"n={spec.n} m={spec.m}",
+            "mcts": f"sims={spec.simulations} k={spec.children} wave={spec.wave}"}[spec.strategy]
+
+
+def print_table(results: list[dict]) -> None:
+    header = f"{'strategy':<24} {'budget':>6} {'size':<28} {'accuracy':>8} {'tokens/problem':>14} {'problems/s':>10}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r['name']:<24} {'x' + str(r['budget']):>6} {r['size']:<28} {r['accuracy']:>8.3f} "
+              f"{r['tokens_per_problem']:>14.0f} {r['problems_per_s']:>10.2f}")
+
+
+def markdown_table(results: list[dict]) -> str:
+    """The table as markdown (for the README)."""
+    lines = ["| strategy | budget | size | accuracy | tokens/problem | problems/s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | x{r['budget']} | {r['size']} | {r['accuracy']:.3f} | {r['tokens_per_problem']:.0f} | "
+              f"{r['problems_per_s']:.2f} |" for r in results]
+    return "\n".join(lines)
+
+
+def plot_scaling(results: list[dict], path: Path, title: str) -> None:
+    """Accuracy against tokens per problem (log x), one line per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sample = [r for r in results if r["strategy"] == "sample"]
+    lines: dict[str, list[dict]] = {}
+    for r in results:
+        if r["strategy"] != "sample":
+            lines.setdefault(r["name"], []).append(r)
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    for name, points in lines.items():
+        points = sorted(sample + points, key=lambda r: r["tokens_per_problem"])
+        ax.plot([p["tokens_per_problem"] for p in points], [100 * p["accuracy"] for p in points], marker="o",
+                label=name)
+    if sample:
+        ax.scatter([sample[0]["tokens_per_problem"]], [100 * sample[0]["accuracy"]], color="black", zorder=5,
+                   label="one sample")
+    ax.set_xscale("log")
+    ax.set_xlabel("generated tokens per problem (log scale)")
+    ax.set_ylabel("accuracy on held-out problems (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=9, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _plot_title(cfg) -> str:
+    tasks = ", ".join(cfg.data.mixture)
+    return (f"ponder: accuracy vs thinking compute ({tasks}; {cfg.demo.problems} test problems; "
+            f"{cfg.model.num_layers}-layer, width {cfg.model.embed_dim} policy)")
+
+
+def _machine() -> dict:
+    import platform
+
+    import jax
+
+    return {"platform": jax.devices()[0].platform, "devices": jax.device_count(), "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "jax": jax.__version__}
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
