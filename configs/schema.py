@@ -209,6 +209,62 @@ class RewardConfig(Strict):
     eval_fraction: float = Field(0.1, ge=0, lt=1)
 
 
+class RLConfig(Strict):
+    """Reinforcement learning with verifiable rewards (`ponder rl`): GRPO or expert iteration from a policy."""
+
+    algorithm: Literal["grpo", "expert_iteration"] = "grpo"
+    init_from: str | None = None
+    run_dir: str = "runs/rl"
+    steps: int = Field(100, gt=0)
+    prompts_per_step: int = Field(16, gt=0)
+    group_size: int = Field(8, gt=0)
+    problem_start: int = Field(200_000, ge=0)
+    max_prompt_len: int = Field(64, gt=1)
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    epochs: int = Field(1, gt=0)
+    minibatches: int = Field(1, gt=0)
+    microbatches: int = Field(1, gt=0)
+    clip_eps: float = Field(0.2, gt=0, lt=1)
+    clip_eps_high: float | None = Field(None, gt=0)
+    kl_coef: float = Field(0.04, ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    std_normalize: bool = True
+    loss_aggregation: Literal["token", "sequence"] = "token"
+    format_reward: float = Field(0.0, ge=0)
+    search: Literal["none", "beam", "dvts", "mcts"] = "none"
+    rollout_fsdp: bool = False
+    eval_every: int = Field(10, ge=0)
+    eval_problems: int = Field(64, gt=0)
+    eval_samples: int = Field(1, gt=0)
+    eval_temperature: float | None = Field(None, ge=0)
+    log_every: int = Field(1, gt=0)
+    checkpoint_every: int = Field(10, gt=0)
+    keep_checkpoints: int = Field(3, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> RLConfig:
+        if self.algorithm == "grpo" and self.group_size < 2:
+            raise ValueError("group_size must be at least 2 for grpo (advantages are relative to the group)")
+        if self.search != "none" and self.algorithm != "expert_iteration":
+            raise ValueError(f"search: {self.search} distils search into the policy under algorithm: "
+                             "expert_iteration only")
+        rows = self.train_rows
+        if rows % self.minibatches or (rows // self.minibatches) % self.microbatches:
+            raise ValueError(f"minibatches ({self.minibatches}) must divide the {rows} rows trained on per step "
+                             "(prompts_per_step * group_size, + prompts_per_step with search) and microbatches "
+                             f"({self.microbatches}) each minibatch")
+        return self
+
+    @property
+    def train_rows(self) -> int:
+        """Rows of one step's training batch: every sample, and one search chain per prompt with `search`."""
+        return self.prompts_per_step * (self.group_size + (self.search != "none"))
+
+
 class DemoConfig(Strict):
     """`ponder demo`: the sizes of its stages (the policy's own training is `train.*`)."""
 
@@ -242,6 +298,7 @@ class Config(Strict):
     search: SearchConfig = SearchConfig()
     reward: RewardConfig = RewardConfig()
     demo: DemoConfig = DemoConfig()
+    rl: RLConfig = RLConfig()
     # logical axis name -> mesh axis, list of mesh axes, or null (replicated)
     logical_axis_rules: dict[str, MeshAxes | list[MeshAxes] | None] = Field(default_factory=dict)
 
@@ -255,6 +312,10 @@ class Config(Strict):
             raise ValueError(
                 f"search.max_len ({self.search.max_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
             )
+        rl = self.rl
+        if rl.max_prompt_len + rl.max_new_tokens > self.model.max_seq_len:
+            raise ValueError(f"rl.max_prompt_len + rl.max_new_tokens ({rl.max_prompt_len + rl.max_new_tokens}) "
+                             f"exceeds model.max_seq_len ({self.model.max_seq_len})")
         if self.data.objective == "reward" and not (self.model.value_head and self.reward.data):
             raise ValueError("data.objective: reward trains the value head on reward.data: set model.value_head=true "
                              "and reward.data (a JSONL file from `ponder reward data`)")

@@ -21,7 +21,7 @@ from configs.load import ConfigError, load_config
 from configs.schema import Config
 
 # Module names under tools/, in the order --help lists them.
-COMMANDS = ("demo", "info", "train", "generate", "search", "reward", "data", "vocab", "bench")
+COMMANDS = ("demo", "info", "train", "rl", "generate", "search", "reward", "data", "vocab", "bench")
 
 DESCRIPTION = """\
 ponder is a JAX/TPU-first stack for reasoning models: pretrain a Flax NNX transformer on a

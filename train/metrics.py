@@ -25,7 +25,7 @@ class MetricsWriter:
 
             run_dir = Path(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            _drop_records_after(run_dir / "metrics.jsonl", initial_step)
+            drop_records_after(run_dir / "metrics.jsonl", initial_step)
             self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 (closed in close())
             self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
         self._bar = tqdm(
@@ -60,7 +60,7 @@ class MetricsWriter:
             self._jsonl.close()
 
 
-def _drop_records_after(path: Path, step: int) -> None:
+def drop_records_after(path: Path, step: int) -> None:
     """On resume, forget records of steps past the checkpoint: those steps run again."""
     if not path.exists():
         return

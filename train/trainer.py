@@ -33,7 +33,7 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. too many non-finite steps); the last good checkpoint is intact."""
 
 
-class _Preemption:
+class Preemption:
     """SIGTERM (what a TPU VM gets before maintenance) asks the loop to save and stop after this step.
 
     On several hosts JAX's preemption sync point makes every host stop at the same step.
@@ -103,7 +103,7 @@ def train(cfg: Config, *, show_progress: bool = True) -> dict:
     )
     eval_batches = _eval_batches(cfg, mesh) if tc.eval_every else []
 
-    preemption = _Preemption()
+    preemption = Preemption()
     last: dict = {}
     nonfinite_in_a_row = skipped = 0
     window_start, window_steps = time.perf_counter(), 0

@@ -1,0 +1,279 @@
+"""What RL learns from: a resumable prompt stream, rollouts with the jitted sampler on the mesh, verified rewards.
+
+    stream = PromptStream(cfg, vocab)                  # problem i of the stream from (seed, problem_start + i)
+    worker = RolloutWorker(cfg, mesh, param_shardings)  # reshards params on device, samples in one jitted call
+    batch = worker(params, prompts, keys)               # RolloutBatch: tokens, num, finished (host arrays)
+    scored = score_rollouts(problems, texts, finished, rl_cfg)
+
+The stream is the RL loop's checkpointed state besides the train state: its position and
+the RNG key, saved and restored with the same protocol as the data pipeline (`save`,
+`restore`, `batches_read`), so `Checkpoints` stores it as the `data` item of each step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from configs.schema import Config, RLConfig
+from model.sharding import batch_sharding, state_shardings
+from model.transformer import Transformer
+from search.sampler import EOS_ID, PAD_ID, Sampling, encode_prompts, generate
+from tasks import get_task
+from tasks.base import Problem, final_answer
+from train.data.pipeline import DataStateError
+from train.data.sources import Component
+
+OVER_LENGTH = "over length"
+
+
+class PromptStream:
+    """The train problems RL sees, in a fixed order: stream index i is a problem from (seed, problem_start + i).
+
+    Index i picks a component of `data.mixture` by rate (a hash of (seed, i)) and takes that
+    task's train problem number problem_start + i. Prompts wider than rl.max_prompt_len are
+    skipped (counted in `skipped`). Position and RNG key are what `save`/`restore` keep.
+    """
+
+    def __init__(self, cfg: Config, vocab, *, shard_index: int | None = None, num_shards: int | None = None):
+        self.mixture = {name: rate for name, rate in cfg.data.mixture.items() if name != "text"}
+        if not self.mixture:
+            raise ValueError("data.mixture has no reasoning-task component for RL prompts (TASK_dN_STYLE)")
+        self.components = [(Component.parse(name), rate) for name, rate in self.mixture.items()]
+        self.cumulative = np.cumsum([rate for _, rate in self.components]) / sum(r for _, r in self.components)
+        self.seed, self.start, self.width, self.vocab = cfg.rl.seed, cfg.rl.problem_start, cfg.rl.max_prompt_len, vocab
+        self.shard_index = jax.process_index() if shard_index is None else shard_index
+        self.num_shards = jax.process_count() if num_shards is None else num_shards
+        self.position = self.batches_read = self.skipped = 0
+        self.truncated_examples = 0  # the pipeline protocol's counter; RL never truncates a prompt
+        self.key = np.asarray(jax.random.key_data(jax.random.key(cfg.rl.seed)))
+
+    def problem(self, index: int) -> Problem:
+        """Stream index `index`'s problem (deterministic)."""
+        digest = hashlib.sha256(f"rl-stream|{self.seed}|{index}".encode()).digest()
+        fraction = int.from_bytes(digest[:8], "big") / 2**64
+        component = self.components[int(np.searchsorted(self.cumulative, fraction, side="right"))][0]
+        return get_task(component.task).generate(self.seed, self.start + index, component.difficulty, "train")
+
+    def take(self, count: int) -> list[tuple[int, Problem]]:
+        """The next `count` fitting problems as (stream index, problem); advances the position."""
+        out = []
+        while len(out) < count:
+            problem = self.problem(self.position)
+            if 1 + len(self.vocab.encode(problem.prompt)) <= self.width:
+                out.append((self.position, problem))
+            else:
+                self.skipped += 1
+            self.position += 1
+        return out
+
+    def next_key(self) -> jax.Array:
+        """A fresh key for this step; the stream's key moves on (and is saved with the position)."""
+        key, step_key = jax.random.split(jax.random.wrap_key_data(jnp.asarray(self.key)))
+        self.key = np.asarray(jax.random.key_data(key))
+        self.batches_read += 1
+        return step_key
+
+    def _identity(self) -> dict:
+        return {"mixture": self.mixture, "seed": self.seed, "problem_start": self.start, "width": self.width}
+
+    def save(self, directory: str | Path) -> Path:
+        """Writes the position and key to directory/host-I-of-N/state.json (atomically)."""
+        target = Path(directory) / f"host-{self.shard_index}-of-{self.num_shards}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        state = self._identity() | {"position": self.position, "batches_read": self.batches_read,
+                                    "skipped": self.skipped, "key": self.key.tolist()}
+        (staging / "state.json").write_text(json.dumps(state, indent=1))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+        return target
+
+    def restore(self, directory: str | Path) -> None:
+        """Continues from a saved position; a stream saved with other settings is a DataStateError."""
+        target = Path(directory) / f"host-{self.shard_index}-of-{self.num_shards}"
+        if not (target / "state.json").is_file():
+            raise DataStateError(f"{directory}: no saved prompt stream for host {self.shard_index}")
+        state = json.loads((target / "state.json").read_text())
+        saved = {k: state.get(k) for k in self._identity()}
+        if saved != self._identity():
+            changed = ", ".join(f"{k}: saved {saved[k]!r}, now {v!r}" for k, v in self._identity().items()
+                                if saved[k] != v)
+            raise DataStateError(f"{directory}: the prompt stream was saved with other settings ({changed}); "
+                                 "start a new rl.run_dir to change them")
+        self.position, self.batches_read, self.skipped = state["position"], state["batches_read"], state["skipped"]
+        self.key = np.asarray(state["key"], np.uint32)
+
+
+def row_keys(step_key: jax.Array, stream_indices, samples) -> jax.Array:
+    """[R] keys fold_in(fold_in(step_key, stream index), sample): a row's draw does not depend on its batch."""
+    indices = jnp.asarray(np.asarray(stream_indices, np.int64) & 0x7FFFFFFF, jnp.uint32)
+    samples = jnp.asarray(np.asarray(samples, np.int64), jnp.uint32)
+    return jax.vmap(lambda i, k: jax.random.fold_in(jax.random.fold_in(step_key, i), k))(indices, samples)
+
+
+def rollout_rules(cfg: Config) -> tuple:
+    """Logical rules for sampling: without rl.rollout_fsdp, parameters leave the fsdp axis (gathered once)."""
+    if cfg.rl.rollout_fsdp:
+        return cfg.rules()
+    return tuple((name, tuple(a for a in axes if a != "fsdp") if name not in ("batch", "length") else axes)
+                 for name, axes in cfg.rules())
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollouts:
+    """Sampled completions (host arrays): tokens [R, N] (PAD after a row stops), logprobs [R, N], num [R]."""
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    num: np.ndarray
+
+    @property
+    def finished(self) -> np.ndarray:
+        """[R] bool: the row ended with EOS (not cut at the token limit)."""
+        last = np.take_along_axis(self.tokens, np.maximum(self.num - 1, 0)[:, None], axis=1)[:, 0]
+        return (self.num > 0) & (last == EOS_ID)
+
+
+class RolloutWorker:
+    """Samples completions with `search.sampler.generate` on the mesh, compiled ahead of time per shape.
+
+    The train-layout params go to the rollout layout (`rollout_rules`) by a jitted identity
+    with the rollout shardings as out_shardings: an on-device all-gather, never via the host.
+    """
+
+    def __init__(self, cfg: Config, mesh: Mesh, vocab, train_param_shardings):
+        self.cfg, self.mesh, self.vocab = cfg, mesh, vocab
+        self.rules = rollout_rules(cfg)
+        abstract = nnx.eval_shape(lambda: Transformer(cfg.model, rules=self.rules, rngs=nnx.Rngs(0)))
+        self.graphdef, abstract_params = nnx.split(abstract)
+        self.param_shardings = state_shardings(abstract_params, mesh, self.rules).to_pure_dict()
+        self.abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                            abstract_params.to_pure_dict(), self.param_shardings)
+        self.same_layout = jax.tree.leaves(self.param_shardings) == jax.tree.leaves(train_param_shardings)
+        with jax.set_mesh(mesh):
+            self.reshard = jax.jit(lambda params: params, out_shardings=self.param_shardings)
+        self.compiled: dict = {}
+        self.compile_seconds = 0.0
+
+    def _compiled(self, rows: int, sampling: Sampling):
+        signature = (rows, sampling)
+        if signature not in self.compiled:
+            cfg, graphdef, width = self.cfg, self.graphdef, self.cfg.rl.max_prompt_len
+
+            def rollout(params, prompts, lengths, keys):
+                out = generate(graphdef, params, cfg.model, prompts, lengths, keys,
+                               max_new_tokens=cfg.rl.max_new_tokens, sampling=sampling, stop_ids=(EOS_ID,),
+                               page_size=cfg.search.page_size)
+                return out.tokens, out.logprobs, out.num
+
+            rows_2d = batch_sharding(self.mesh, self.rules, (rows, width))
+            rows_1d = batch_sharding(self.mesh, self.rules, (rows,))
+            replicated = NamedSharding(self.mesh, PartitionSpec())
+            start = time.perf_counter()
+            with jax.set_mesh(self.mesh):
+                self.compiled[signature] = jax.jit(
+                    rollout, in_shardings=(self.param_shardings, rows_2d, rows_1d, rows_1d),
+                    out_shardings=(replicated, replicated, replicated),
+                ).lower(self.abstract_params, jax.ShapeDtypeStruct((rows, width), jnp.int32),
+                        jax.ShapeDtypeStruct((rows,), jnp.int32),
+                        jax.eval_shape(lambda: jax.random.split(jax.random.key(0), rows))).compile()
+            self.compile_seconds += time.perf_counter() - start
+        return self.compiled[signature]
+
+    def rollout_params(self, params):
+        """The params in the rollout layout (an on-device reshard; the same arrays if the layouts agree)."""
+        if self.same_layout:
+            return params
+        with jax.set_mesh(self.mesh):
+            return self.reshard(params)
+
+    def __call__(self, params, prompts: list[str], keys: jax.Array, sampling: Sampling,
+                 rows: int | None = None) -> Rollouts:
+        """Completions of `prompts` (texts), one per key [len(prompts)], `rows` per call (default: all).
+
+        `params` must already be in the rollout layout (`rollout_params`). A last partial call
+        is padded with copies of its first row, whose results are dropped.
+        """
+        rows = rows or len(prompts)
+        fn = self._compiled(rows, sampling)
+        outs = []
+        for start in range(0, len(prompts), rows):
+            chunk = prompts[start : start + rows]
+            pad = rows - len(chunk)
+            tokens, lengths = encode_prompts(self.vocab, chunk + [chunk[0]] * pad, self.cfg.rl.max_prompt_len)
+            chunk_keys = keys[start : start + rows]
+            if pad:
+                chunk_keys = jnp.concatenate([chunk_keys, jnp.repeat(chunk_keys[:1], pad, axis=0)])
+            with jax.set_mesh(self.mesh):
+                out = jax.device_get(fn(params, tokens, lengths, chunk_keys))
+            outs.append([np.asarray(x)[: len(chunk)] for x in out])
+        return Rollouts(*(np.concatenate([o[i] for o in outs]) for i in range(3)))
+
+
+def reason_category(reason: str) -> str:
+    """A verifier reason without its specifics: "wrong answer 42" -> "wrong_answer" (a metric name)."""
+    match = re.match(r"[A-Za-z][A-Za-z ]*", reason)
+    words = (match.group(0) if match else "other").strip().lower()
+    return re.sub(r"\s+", "_", words) or "other"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    """Rewards of rollouts: reward [R] (what the learner sees), correct [R] (the verifier's 1.0), reasons."""
+
+    reward: np.ndarray
+    correct: np.ndarray
+    reasons: Counter
+
+
+def score_rollouts(problems: list[Problem], texts: list[str], finished: np.ndarray, rl: RLConfig) -> Scored:
+    """The verifier's reward per completion (row r answers problems[r]); over-length completions get 0.
+
+    A finished completion scores the task's verifier (1/0) plus rl.format_reward if it has an
+    answer line. Reasons are counted by category (`reason_category`), over length included.
+    """
+    reward, correct, reasons = np.zeros(len(texts), np.float32), np.zeros(len(texts), bool), Counter()
+    for r, (problem, text) in enumerate(zip(problems, texts, strict=True)):
+        if not finished[r]:
+            reasons[reason_category(OVER_LENGTH)] += 1
+            continue
+        score, reason = get_task(problem.task).score(problem, text)
+        reasons[reason_category(reason)] += 1
+        correct[r] = score == 1.0
+        reward[r] = score + (rl.format_reward if final_answer(text) is not None else 0.0)
+    return Scored(reward, correct, reasons)
+
+
+def sequences(vocab, prompts: list[str], completions: list[np.ndarray], width: int) -> dict[str, np.ndarray]:
+    """Training rows BOS + prompt + completion, right-padded to `width`: tokens, targets, loss_mask [R, width].
+
+    The loss mask covers the positions whose target is a completion token (its EOS included).
+    """
+    rows = len(prompts)
+    tokens = np.full((rows, width), PAD_ID, np.int32)
+    mask = np.zeros((rows, width), np.float32)
+    prompt_tokens, prompt_lengths = encode_prompts(vocab, prompts)
+    for r, completion in enumerate(completions):
+        length = int(prompt_lengths[r])
+        completion = np.asarray(completion, np.int32)[: width - length]
+        tokens[r, :length] = prompt_tokens[r, :length]
+        tokens[r, length : length + len(completion)] = completion
+        mask[r, length - 1 : length - 1 + len(completion)] = 1.0
+    targets = np.concatenate([tokens[:, 1:], np.full((rows, 1), PAD_ID, np.int32)], axis=1)
+    return {"tokens": tokens, "targets": targets, "loss_mask": mask}

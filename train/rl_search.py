@@ -1,0 +1,67 @@
+"""Search distillation for expert iteration: a tree search per prompt, its chain kept when it verifies.
+
+    distiller = SearchDistiller(cfg, mesh, vocab, rollout_graphdef)
+    chains, found, metrics = distiller(rollout_params, problems, key, stream_indices)
+
+The search is `search.strategies.run_search` with `search.*` settings and `rl.search` as the
+strategy, one jitted call for all the step's prompts, on the policy's rollout-layout params.
+The chain the strategy picks (by search.select) joins the SFT batch when the task's verifier
+accepts it: that is how search is distilled into the policy (STaR with a search teacher).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from configs.schema import Config
+from search.sampler import EOS_ID, Sampling, encode_prompts
+from search.scorers import make_scorer
+from search.strategies import Models, SearchSpec, candidates, choose, resolve, run_search
+from tasks import get_task
+from tasks.base import Problem
+
+
+def search_spec(cfg: Config, vocab, strategy: str) -> SearchSpec:
+    """The SearchSpec of `search.*` with `strategy`; the step delimiter is the vocabulary's newline."""
+    s = cfg.search
+    fields = {f.name for f in dataclasses.fields(SearchSpec)} - {"sampling", "delimiter", "strategy"}
+    return resolve(SearchSpec(strategy=strategy, **{name: getattr(s, name) for name in fields},
+                              sampling=Sampling(s.temperature, s.top_k, s.top_p),
+                              delimiter=int(vocab.encode("\n")[-1])))
+
+
+class SearchDistiller:
+    """Runs rl.search on a step's prompts and returns the verified chains as completions to train on."""
+
+    def __init__(self, cfg: Config, mesh, vocab, graphdef):
+        if cfg.search.scorer not in ("logprob", "oracle"):
+            raise ValueError(f"rl.search uses search.scorer logprob or oracle, not {cfg.search.scorer!r}")
+        if cfg.rl.max_prompt_len + cfg.search.max_step_tokens + 1 > cfg.search.max_len:
+            raise ValueError(f"search.max_len ({cfg.search.max_len}) leaves no room for a step after a prompt of "
+                             f"rl.max_prompt_len ({cfg.rl.max_prompt_len})")
+        self.cfg, self.mesh, self.vocab = cfg, mesh, vocab
+        self.spec = search_spec(cfg, vocab, cfg.rl.search)
+        self.models = Models(graphdef, cfg.model, make_scorer(cfg.search.scorer, vocab=vocab))
+        self.search = jax.jit(run_search, static_argnums=(0, 1))
+
+    def __call__(self, params, problems: list[Problem], key: jax.Array, stream_indices: list[int]):
+        """(token arrays to train on, found [P] bool, metrics); a chain that does not verify is kept out."""
+        tokens, lengths = encode_prompts(self.vocab, [p.prompt for p in problems], self.cfg.rl.max_prompt_len)
+        keys = jax.vmap(jax.random.fold_in, (None, 0))(key, np.asarray(stream_indices, np.uint32))
+        if self.models.scorer.oracle:
+            self.models.scorer.problems = list(problems)
+        with jax.set_mesh(self.mesh):
+            state, chosen = self.search(self.spec, self.models, params, None, tokens, lengths, keys)
+        per_problem = candidates(self.spec, state, chosen, self.vocab)
+        chains, found = [], np.zeros(len(problems), bool)
+        for p, (problem, cands) in enumerate(zip(problems, per_problem, strict=True)):
+            pick = choose(cands, self.cfg.search.select, str.strip)
+            text = pick.text if pick else ""
+            found[p] = bool(pick and pick.finished and get_task(problem.task).score(problem, text)[0] == 1.0)
+            ids = list(self.vocab.encode(text)) + [EOS_ID]
+            chains.append(np.asarray(ids[: self.cfg.rl.max_new_tokens], np.int32))
+        generated = float(np.asarray(jax.device_get(state.tokens)).mean())
+        return chains, found, {"search_found": float(found.mean()), "search_tokens": generated}
