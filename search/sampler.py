@@ -94,6 +94,9 @@ def decode_loop(
     generated token stays pending (not written), per the module's convention.
     """
     model = nnx.merge(graphdef, params)
+    # On CPU the layers' weights are sliced once, here, rather than copied out of the stacked
+    # weights on every token; accelerators slice in place and keep the one copy of the weights.
+    layers = model.sliced_layers() if jax.default_backend() == "cpu" else None
     rows = pending.shape[0]
     stops = jnp.asarray(stop_ids, jnp.int32)
 
@@ -104,7 +107,7 @@ def decode_loop(
     def body(carry):
         step, cache, lengths, pending, done, tokens, logprobs, num = carry
         writing = (~done).astype(jnp.int32)
-        logits, cache = model.decode(pending[:, None], lengths[:, None], page_table, lengths, cache, writing)
+        logits, cache = model.decode(pending[:, None], lengths[:, None], page_table, lengths, cache, writing, layers)
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
         token, logprob = sample_logits(logits[:, 0], step_keys, sampling)
         token = jnp.where(done, PAD_ID, token)
