@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test install lint clean
+.PHONY: test install lint clean demo
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The inference-time scaling curve from scratch (about 15 min on a 2-core CPU); DEMO_ARGS=--fresh starts over.
+demo: install
+	$(VENV)/bin/ponder demo $(DEMO_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -50,18 +50,11 @@ def jit_generate() -> Callable:
     )
 
 
-def find_run_config(checkpoint: Path) -> Path | None:
-    """config.yaml of the run a checkpoint path belongs to (run dir, run/checkpoints or run/checkpoints/<step>)."""
-    for directory in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
-        if (directory / "config.yaml").is_file():
-            return directory / "config.yaml"
-    return None
-
-
 def run(args: argparse.Namespace) -> int:
     """Generates a completion for every prompt and prints them in order."""
     from configs.load import load_config
     from tasks.files import read_problems
+    from train.checkpoint import find_run_config
 
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_dir():

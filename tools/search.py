@@ -69,8 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from configs.load import load_config
     from model.sharding import make_mesh
     from search.strategies import Models
-    from tools.generate import find_run_config
-    from train.checkpoint import CheckpointError, load_params
+    from train.checkpoint import CheckpointError, find_run_config, load_params
     from train.data import get_vocabulary
     from train.state import state_layout
 
@@ -346,8 +345,7 @@ def _scorer(cfg, vocab, mesh):
     if cfg.search.scorer != "reward":
         return make_scorer(cfg.search.scorer, vocab=vocab), None
     from configs.load import load_config
-    from tools.generate import find_run_config
-    from train.checkpoint import load_params
+    from train.checkpoint import find_run_config, load_params
     from train.state import state_layout
 
     path = Path(cfg.search.reward_checkpoint)

@@ -195,6 +195,14 @@ class Checkpoints:
         self._manager.reload()
 
 
+def find_run_config(checkpoint: Path) -> Path | None:
+    """config.yaml of the run a checkpoint path belongs to (run dir, run/checkpoints or run/checkpoints/<step>)."""
+    for directory in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
+        if (directory / "config.yaml").is_file():
+            return directory / "config.yaml"
+    return None
+
+
 def load_params(path: str | Path, abstract_params: Any, *, allow_missing: bool = False) -> Any:
     """The params of a saved train state, onto the shardings in `abstract_params` (for `init_from`).
 

@@ -38,6 +38,7 @@ from configs.load import load_config
 from configs.schema import Config
 from tasks import get_task
 from tasks.base import Problem, completion_steps, final_answer
+from train.checkpoint import find_run_config
 from train.reward_data import RewardDataError, RewardRecord
 
 LABEL_MODES = ("soft", "hard")
@@ -69,14 +70,6 @@ class LabelSettings:
 def has_step_checker(task) -> bool:
     """Whether a task labels steps itself (a task without one sets `has_step_checker = False`)."""
     return bool(getattr(task, "has_step_checker", True))
-
-
-def find_run_config(checkpoint: Path) -> Path | None:
-    """config.yaml of the run a checkpoint path belongs to (run dir, run/checkpoints or run/checkpoints/<step>)."""
-    for directory in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
-        if (directory / "config.yaml").is_file():
-            return directory / "config.yaml"
-    return None
 
 
 @dataclasses.dataclass(frozen=True)
