@@ -234,6 +234,7 @@ class RLConfig(Strict):
     std_normalize: bool = True
     loss_aggregation: Literal["token", "sequence"] = "token"
     format_reward: float = Field(0.0, ge=0)
+    step_reward: float = Field(0.0, ge=0)
     search: Literal["none", "beam", "dvts", "mcts"] = "none"
     rollout_fsdp: bool = False
     eval_every: int = Field(10, ge=0)

@@ -23,6 +23,7 @@ stream continues exactly where that step left it and records past it are dropped
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ from train.metrics import MetricsWriter, drop_records_after
 from train.rl_learner import Learner
 from train.rl_loss import group_advantages
 from train.rl_rollout import PromptStream, RolloutWorker, row_keys, score_rollouts, sequences
+from train.state import init_state
 from train.trainer import Preemption, TrainingError, check_vocab
 
 
@@ -101,6 +103,12 @@ def policy_pass_at_1(checkpoint: str | Path, problems: list[Problem], *, samples
     return result["pass_at_1"]
 
 
+def with_policy(cfg: Config, init_from: str | Path, run_dir: str | Path, **rl_settings) -> Config:
+    """`cfg` with rl.init_from, rl.run_dir (and any other rl.* given) set, validated: a demo stage's RL config."""
+    rl = cfg.rl.model_dump() | {"init_from": str(init_from), "run_dir": str(run_dir), **rl_settings}
+    return Config.model_validate(cfg.model_dump() | {"rl": rl})
+
+
 def check_policy(cfg: Config) -> Path:
     """rl.init_from must name a policy run whose model is cfg.model; returns its path."""
     from train.reward_labels import find_run_config
@@ -135,20 +143,29 @@ def train_rl(cfg: Config, *, show_progress: bool = True, mesh=None) -> dict:
     learner = Learner(cfg, mesh)
     layout = learner.layout
     stream = PromptStream(cfg, vocab)
-    checkpoints = Checkpoints(run_dir / "checkpoints", save_every=rl.checkpoint_every, keep=rl.keep_checkpoints)
-    try:
-        reference = load_params(policy_path, layout.abstract["params"])  # frozen, sharded like the policy
-        if checkpoints.latest_step() is not None:
-            step, state = checkpoints.restore(layout.abstract, data=stream)
-            resumed = f"resumed from step {step}"
-        else:
-            from train.state import init_state
+    with contextlib.ExitStack() as cleanup:
+        checkpoints = Checkpoints(run_dir / "checkpoints", save_every=rl.checkpoint_every, keep=rl.keep_checkpoints)
+        cleanup.callback(checkpoints.close)
+        cleanup.callback(checkpoints.wait)
+        try:
+            reference = load_params(policy_path, layout.abstract["params"])  # frozen, sharded like the policy
+            if checkpoints.latest_step() is not None:
+                step, state = checkpoints.restore(layout.abstract, data=stream)
+                resumed = f"resumed from step {step}"
+            else:
+                params = load_params(policy_path, layout.abstract["params"])  # its own buffers: the state is donated
+                state, step = init_state(cfg, layout, mesh, params), 0
+                resumed = f"policy from {policy_path}"
+        except CheckpointError as err:
+            raise RLError(str(err)) from None
+        return _loop(cfg, mesh, vocab, learner, stream, checkpoints, state, step, reference, resumed, show_progress,
+                     cleanup)
 
-            state, step = init_state(cfg, layout, mesh, load_params(policy_path, layout.abstract["params"])), 0
-            resumed = f"policy from {policy_path}"
-    except CheckpointError as err:
-        checkpoints.close()
-        raise RLError(str(err)) from None
+
+def _loop(cfg: Config, mesh, vocab, learner: Learner, stream: PromptStream, checkpoints: Checkpoints, state, step: int,
+          reference, resumed: str, show_progress: bool, cleanup: contextlib.ExitStack) -> dict:
+    """The steps from `step` to rl.steps, with metrics, evaluations and checkpoints."""
+    rl, run_dir, layout = cfg.rl, Path(cfg.rl.run_dir), learner.layout
 
     worker = RolloutWorker(cfg, mesh, vocab, layout.shardings["params"])
     distiller = None
@@ -157,6 +174,7 @@ def train_rl(cfg: Config, *, show_progress: bool = True, mesh=None) -> dict:
 
         distiller = SearchDistiller(cfg, mesh, vocab, worker.graphdef)
     writer = MetricsWriter(run_dir, total_steps=rl.steps, initial_step=step, show_progress=show_progress)
+    cleanup.callback(writer.close)
     rollout_log = run_dir / "rollouts.jsonl"
     if jax.process_index() == 0:
         drop_records_after(rollout_log, step)
@@ -177,40 +195,35 @@ def train_rl(cfg: Config, *, show_progress: bool = True, mesh=None) -> dict:
     last: dict = {}
     start_eval = evaluate(step) if rl.eval_every and step == 0 else {}
     preemption = Preemption()
+    cleanup.callback(preemption.close)
     nonfinite = 0
-    log = open(rollout_log, "a", buffering=1) if jax.process_index() == 0 else None  # noqa: SIM115 (closed below)
-    try:
-        while step < rl.steps:
-            state, metrics, record = _rl_step(cfg, state, reference, stream, worker, learner, distiller, step + 1)
-            step += 1
-            nonfinite = 0 if metrics["finite"] else nonfinite + 1
-            if nonfinite >= cfg.train.max_nonfinite_steps:
-                raise TrainingError(f"{nonfinite} RL steps in a row had a non-finite loss or gradient (last: step "
-                                    f"{step}); stopping with the last good checkpoint in {run_dir / 'checkpoints'} "
-                                    "intact. Try a lower optimizer.learning_rate.")
-            if log is not None:
-                log.write(json.dumps({"step": step, **record}) + "\n")
-            if step % rl.log_every == 0 or step == rl.steps:
-                last = metrics | {"compile_s": learner.compile_seconds + worker.compile_seconds}
-                writer.write(step, last)
-            if rl.eval_every and (step % rl.eval_every == 0 or step == rl.steps):
-                last |= evaluate(step)
-            writer.progress(step, {k: last[k] for k in ("reward_mean", "kl", "pass_at_1") if k in last})
-            stopping = preemption.reached(step)
-            checkpoints.save(step, state, data=stream, config=cfg, force=stopping or step == rl.steps)
-            if stopping:
-                checkpoints.wait()
-                writer.message(f"ponder rl: SIGTERM: saved step {step} to {run_dir / 'checkpoints'}; exiting")
-                return last | {"step": step, "stopped": "preempted"}
-        return last | {"step": step, "stopped": "done",
-                       **({"pass_at_1_start": start_eval["pass_at_1"]} if start_eval else {})}
-    finally:
+    log = open(rollout_log, "a", buffering=1) if jax.process_index() == 0 else None  # noqa: SIM115 (closed by cleanup)
+    if log is not None:
+        cleanup.callback(log.close)
+    while step < rl.steps:
+        state, metrics, record = _rl_step(cfg, state, reference, stream, worker, learner, distiller, step + 1)
+        step += 1
+        nonfinite = 0 if metrics.pop("finite") else nonfinite + 1
+        if nonfinite >= cfg.train.max_nonfinite_steps:
+            raise TrainingError(f"{nonfinite} RL steps in a row had a non-finite loss or gradient (last: step "
+                                f"{step}); stopping with the last good checkpoint in {run_dir / 'checkpoints'} "
+                                "intact. Try a lower optimizer.learning_rate.")
         if log is not None:
-            log.close()
-        checkpoints.wait()
-        checkpoints.close()
-        writer.close()
-        preemption.close()
+            log.write(json.dumps({"step": step, **record}) + "\n")
+        if step % rl.log_every == 0 or step == rl.steps:
+            last = metrics | {"compile_s": learner.compile_seconds + worker.compile_seconds}
+            writer.write(step, last)
+        if rl.eval_every and (step % rl.eval_every == 0 or step == rl.steps):
+            last |= evaluate(step)
+        writer.progress(step, {k: last[k] for k in ("reward_mean", "kl", "pass_at_1") if k in last})
+        stopping = preemption.reached(step)
+        checkpoints.save(step, state, data=stream, config=cfg, force=stopping or step == rl.steps)
+        if stopping:
+            checkpoints.wait()
+            writer.message(f"ponder rl: SIGTERM: saved step {step} to {run_dir / 'checkpoints'}; exiting")
+            return last | {"step": step, "stopped": "preempted"}
+    return last | {"step": step, "stopped": "done",
+                   **({"pass_at_1_start": start_eval["pass_at_1"]} if start_eval else {})}
 
 
 def _rl_step(cfg: Config, state, reference, stream: PromptStream, worker: RolloutWorker, learner: Learner,
@@ -247,19 +260,23 @@ def _rl_step(cfg: Config, state, reference, stream: PromptStream, worker: Rollou
         advantages = np.concatenate([advantages, np.zeros(len(items), np.float32)])
         weights = np.concatenate([weights, found.astype(np.float32)])
 
+    # nothing to learn from (EI: no verified row; GRPO: uniform groups and no KL term): no optimizer step, so
+    # Adam's momentum does not move the params on a zero gradient
+    trainable = weights.sum() > 0 if rl.algorithm != "grpo" else bool(np.any(advantages != 0) or rl.kl_coef > 0)
     start = time.perf_counter()
-    batch = sequences(worker.vocab, prompts, completions, learner.width)
-    batch |= {"advantages": advantages.astype(np.float32), "weights": weights}
-    device_batch = learner.put({k: batch[k] for k in ("tokens", "targets")})
-    old = np.asarray(jax.device_get(learner.logprobs(state["params"], device_batch)))
-    ref = np.asarray(jax.device_get(learner.logprobs(reference, device_batch)))
-    batch |= {"old_logprobs": old, "ref_logprobs": ref}
-    mask = batch["loss_mask"]
-    gap = float(np.abs((old - _sampler_logprobs(out.logprobs, mask, len(out.num))) * mask[: len(out.num)]).sum()
-                / max(mask[: len(out.num)].sum(), 1.0))
-
     step_metrics: list[dict] = []
-    trainable = weights.sum() > 0
+    extra: dict = {}
+    if trainable:
+        batch = sequences(worker.vocab, prompts, completions, learner.width)
+        batch |= {"advantages": advantages.astype(np.float32), "weights": weights}
+        device_batch = learner.put({k: batch[k] for k in ("tokens", "targets")})
+        old = np.asarray(jax.device_get(learner.logprobs(state["params"], device_batch)))
+        ref = np.asarray(jax.device_get(learner.logprobs(reference, device_batch)))
+        batch |= {"old_logprobs": old, "ref_logprobs": ref}
+        sampled = batch["loss_mask"][: len(out.num)]  # the sampled rows (search chains come after them)
+        extra["rollout_logprob_gap"] = float(  # how far the sampler's log-probs are from the trainer's
+            np.abs((old[: len(out.num)] - _sampler_logprobs(out.logprobs, sampled)) * sampled).sum()
+            / max(sampled.sum(), 1.0))
     rows = len(prompts)
     for epoch in range(rl.epochs if trainable else 0):
         order = np.random.default_rng([rl.seed, step, epoch]).permutation(rows)
@@ -274,6 +291,7 @@ def _rl_step(cfg: Config, state, reference, stream: PromptStream, worker: Rollou
     trained_tokens = sum(m["trained_tokens"] for m in step_metrics)
     finite = all(m["finite"] for m in step_metrics)
     trained.pop("finite", None)
+    trained |= extra
     grouped = scored.correct.reshape(-1, groups)
     generated = int(out.num.sum())
     metrics = trained | {
@@ -286,18 +304,19 @@ def _rl_step(cfg: Config, state, reference, stream: PromptStream, worker: Rollou
         "over_length": float((~out.finished).mean()),
         "rollout_tokens_per_s": generated / rollout_seconds, "rollout_s": rollout_seconds,
         "train_tokens_per_s": trained_tokens / train_seconds if trained_tokens else 0.0, "train_s": train_seconds,
-        "rollout_logprob_gap": gap, "kept": float(weights.mean()), "prompts_skipped": float(stream.skipped),
+        "kept": float(weights.mean()), "prompts_skipped": float(stream.skipped),
         "optimizer_steps": float(len(step_metrics)),
-    } | {f"verifier/{reason}": count / len(texts) for reason, count in sorted(scored.reasons.items())} | search_metrics
+    } | ({"steps_correct": float(scored.steps_correct.mean())} if rl.step_reward else {}) | {
+        f"verifier/{reason}": count / len(texts) for reason, count in sorted(scored.reasons.items())} | search_metrics
     record = {"stream": [i for i, _ in items], "problems": [p.id for _, p in items],
               "reward": [round(float(r), 4) for r in scored.reward], "sample": texts[0]}
-    return state, metrics | {"finite": float(finite)}, record
+    return state, metrics | {"finite": finite}, record
 
 
-def _sampler_logprobs(logprobs: np.ndarray, mask: np.ndarray, rows: int) -> np.ndarray:
-    """The sampler's per-token log-probs placed where the loss mask puts the completion: [rows, W]."""
-    placed = np.zeros((rows, mask.shape[1]), np.float32)
-    for r in range(rows):
+def _sampler_logprobs(logprobs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The sampler's per-token log-probs [R, N] placed where the loss mask [R, W] puts the completion."""
+    placed = np.zeros(mask.shape, np.float32)
+    for r in range(len(mask)):
         positions = np.flatnonzero(mask[r])
         placed[r, positions] = logprobs[r, : len(positions)]
     return placed

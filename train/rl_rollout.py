@@ -165,7 +165,10 @@ class RolloutWorker:
         self.param_shardings = state_shardings(abstract_params, mesh, self.rules).to_pure_dict()
         self.abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                             abstract_params.to_pure_dict(), self.param_shardings)
-        self.same_layout = jax.tree.leaves(self.param_shardings) == jax.tree.leaves(train_param_shardings)
+        self.same_layout = all(  # then sampling reads the training arrays themselves
+            new.is_equivalent_to(old, len(a.shape)) for new, old, a in zip(
+                jax.tree.leaves(self.param_shardings), jax.tree.leaves(train_param_shardings),
+                jax.tree.leaves(self.abstract_params), strict=True))
         with jax.set_mesh(mesh):
             self.reshard = jax.jit(lambda params: params, out_shardings=self.param_shardings)
         self.compiled: dict = {}
@@ -240,24 +243,33 @@ class Scored:
     reward: np.ndarray
     correct: np.ndarray
     reasons: Counter
+    steps_correct: np.ndarray  # [R] fraction of step lines the task's checker accepts (0 without steps)
 
 
 def score_rollouts(problems: list[Problem], texts: list[str], finished: np.ndarray, rl: RLConfig) -> Scored:
     """The verifier's reward per completion (row r answers problems[r]); over-length completions get 0.
 
-    A finished completion scores the task's verifier (1/0) plus rl.format_reward if it has an
-    answer line. Reasons are counted by category (`reason_category`), over length included.
+    A finished completion scores the task's verifier (1/0), plus rl.format_reward if it has an
+    answer line, plus rl.step_reward x the fraction of its steps the task's step checker accepts.
+    Reasons are counted by category (`reason_category`), over length included.
     """
-    reward, correct, reasons = np.zeros(len(texts), np.float32), np.zeros(len(texts), bool), Counter()
+    rows = len(texts)
+    reward, correct, steps_correct = np.zeros(rows, np.float32), np.zeros(rows, bool), np.zeros(rows, np.float32)
+    reasons: Counter = Counter()
     for r, (problem, text) in enumerate(zip(problems, texts, strict=True)):
         if not finished[r]:
             reasons[reason_category(OVER_LENGTH)] += 1
             continue
-        score, reason = get_task(problem.task).score(problem, text)
+        task = get_task(problem.task)
+        score, reason = task.score(problem, text)
         reasons[reason_category(reason)] += 1
         correct[r] = score == 1.0
-        reward[r] = score + (rl.format_reward if final_answer(text) is not None else 0.0)
-    return Scored(reward, correct, reasons)
+        if rl.step_reward or rl.format_reward:
+            labels = task.check_steps(problem, text) if rl.step_reward else []
+            steps_correct[r] = float(np.mean(labels)) if len(labels) else 0.0
+            score += rl.step_reward * steps_correct[r] + (rl.format_reward if final_answer(text) is not None else 0.0)
+        reward[r] = score
+    return Scored(reward, correct, reasons, steps_correct)
 
 
 def sequences(vocab, prompts: list[str], completions: list[np.ndarray], width: int) -> dict[str, np.ndarray]:
