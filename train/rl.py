@@ -36,7 +36,7 @@ from configs.schema import Config
 from model.sharding import make_mesh
 from search.sampler import Sampling, decode_text
 from tasks.base import Problem
-from train.checkpoint import CheckpointError, Checkpoints, load_params
+from train.checkpoint import CheckpointError, Checkpoints, find_run_config, load_params
 from train.data import get_vocabulary
 from train.metrics import MetricsWriter, drop_records_after
 from train.rl_learner import Learner
@@ -86,7 +86,6 @@ def evaluate_pass_at_1(worker: RolloutWorker, params, problems: list[Problem], *
 def policy_pass_at_1(checkpoint: str | Path, problems: list[Problem], *, samples: int = 1, temperature: float = 1.0,
                      seed: int = 0, overrides: tuple[str, ...] = (), mesh=None) -> float:
     """pass@1 of a policy run (SFT or RL: a run dir with config.yaml) on `problems`; what the demo compares."""
-    from train.reward_labels import find_run_config
     from train.state import state_layout
 
     config = find_run_config(Path(checkpoint))
@@ -111,7 +110,6 @@ def with_policy(cfg: Config, init_from: str | Path, run_dir: str | Path, **rl_se
 
 def check_policy(cfg: Config) -> Path:
     """rl.init_from must name a policy run whose model is cfg.model; returns its path."""
-    from train.reward_labels import find_run_config
 
     if not cfg.rl.init_from:
         raise RLError("rl.init_from is not set: RL starts from a policy (a `ponder train` run directory)")
