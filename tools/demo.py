@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from tools.cli import add_config_arguments
 
 DEFAULT_CONFIG = "experiments/demo"
@@ -102,6 +104,7 @@ def _clear(run_dir: Path) -> None:
 def rows_for(budgets: list[int], strategies: list[str]) -> list[Row]:
     """The table's rows: `sample` once, then each strategy at each budget multiple above 1."""
     variants = {
+        # One pool of N samples per budget serves all three (the same chains, so the same tokens).
         "best_of_n": [("best_of_n/majority", "prm", "majority"), ("best_of_n/orm-weighted", "orm", "weighted"),
                       ("best_of_n/prm-weighted", "prm", "weighted")],
         "beam": [("beam/prm", "prm", "best")],
@@ -261,6 +264,8 @@ class SearchRunner:
         self.batches = plan_batches(problems, self.vocab, cfg.search.prompt_buckets, cfg.search.max_len,
                                     min(cfg.search.batch_size, len(problems)))
         self.searchers: dict = {}
+        self.pools: dict = {}
+        self.orm = None
 
     def searcher(self, scorer_name: str):
         """A Searcher per scorer (compiled programs are kept per searcher)."""
@@ -280,41 +285,106 @@ class SearchRunner:
                                                    scorer_params, self.mesh)
         return self.searchers[scorer_name]
 
-    def run(self, row: Row, out_dir: Path, base: dict | None) -> dict:
-        """The row's summary (also RUN/search/<key>.json, with per-problem lines in <key>.jsonl)."""
-        from tqdm import tqdm
-
+    def spec_for(self, row: Row, base: dict | None):
+        """(search config, SearchSpec) of a row, sized to its budget from the `sample` row's tokens and steps."""
         from search.strategies import resolve, size_for_budget
-        from tools.search import search_batch, search_spec
+        from tools.search import search_spec
 
-        summary_path = out_dir / f"{row.key}.json"
-        if summary_path.exists():
-            return json.loads(summary_path.read_text())
         update = {"strategy": row.strategy, "select": row.select}
-        if row.scorer == "orm":
-            update["aggregate"] = "last"  # an ORM judges the whole chain: its score at the answer's EOS
         search_cfg = self.cfg.search.model_copy(update=update)
         spec = search_spec(search_cfg, self.vocab)
         if base is not None and row.budget > 1:
             sized = size_for_budget(row.strategy, row.budget * base["tokens_per_problem"],
                                     base["tokens_per_problem"], base["steps_per_problem"], spec.m, spec.children)
             spec = resolve(dataclasses.replace(spec, **sized))
-        searcher = self.searcher(row.scorer)
-        records, seconds = [], 0.0
-        with tqdm(total=len(self.problems), unit="problem", desc=f"{row.name} x{row.budget}",
+        return search_cfg, spec
+
+    def pool(self, row: Row, base: dict | None) -> tuple[list[dict], float, object]:
+        """Per problem: its candidate chains and costs under the row's search (PRM-scored); and the seconds.
+
+        Cached per (strategy, budget): best-of-N's three selection rules read one pool of samples.
+        """
+        import jax
+        from tqdm import tqdm
+
+        from search.strategies import candidates
+
+        search_cfg, spec = self.spec_for(row, base)
+        key = (row.strategy, row.budget, row.scorer if row.strategy != "best_of_n" else "prm")
+        if key in self.pools:
+            return self.pools[key]
+        searcher = self.searcher(key[2])
+        problems, seconds = [], 0.0
+        with tqdm(total=len(self.problems), unit="problem", desc=f"{row.strategy} x{row.budget}",
                   disable=not self.show_progress, leave=False) as bar:
             for batch in self.batches:
-                batch_records, batch_seconds = search_batch(searcher, spec, batch, self.vocab, search_cfg, False)
-                records += batch_records
+                state, chosen, batch_seconds = searcher(spec, batch, search_cfg.seed)
+                per_chain = candidates(spec, state, chosen, self.vocab)
+                stats = {name: np.asarray(jax.device_get(getattr(state, name)))
+                         for name in ("tokens", "policy_flops", "scorer_flops", "expansions")}
+                for row_index, (number, problem) in enumerate(batch.rows):
+                    problems.append({"line": number, "problem": problem, "candidates": per_chain[row_index],
+                                     **{name: float(values[row_index]) for name, values in stats.items()}})
                 seconds += batch_seconds
                 bar.update(len(batch.rows))
+        self.pools[key] = (problems, seconds, spec)
+        return self.pools[key]
+
+    def orm_scores(self, problems: list[dict]) -> tuple[list[list[float]], float]:
+        """The ORM's score of every candidate chain (a dense forward pass each), and the seconds it took."""
+        from tasks.base import completion_steps, final_answer
+        from train.reward import load_reward_model, score_records
+        from train.reward_data import RewardRecord
+
+        if self.orm is None:
+            self.orm = load_reward_model(self.reward_dir / "orm")
+        records = [RewardRecord(p["problem"], i, c.text, tuple(completion_steps(c.text)), final_answer(c.text), (),
+                                0.0, "none") for p in problems for i, c in enumerate(p["candidates"])]
+        start = time.perf_counter()
+        scores = score_records(self.orm, records, rows=64) if records else []
+        seconds = time.perf_counter() - start
+        flat = [s.answer if s.answer is not None else (s.final or 0.0) for s in scores]
+        out, at = [], 0
+        for p in problems:
+            out.append(flat[at : at + len(p["candidates"])])
+            at += len(p["candidates"])
+        return out, seconds
+
+    def run(self, row: Row, out_dir: Path, base: dict | None) -> dict:
+        """The row's summary (also RUN/search/<key>.json, with per-problem lines in <key>.jsonl)."""
+        from search.strategies import choose
+        from tasks import get_task
+        from tools.search import answer_key
+
+        summary_path = out_dir / f"{row.key}.json"
+        if summary_path.exists():
+            return json.loads(summary_path.read_text())
+        problems, seconds, spec = self.pool(row, base)
+        orm = None
+        if row.scorer == "orm":
+            orm, orm_seconds = self.orm_scores(problems)
+            seconds += orm_seconds
+        records = []
+        for index, entry in enumerate(problems):
+            problem, cands = entry["problem"], entry["candidates"]
+            if orm is not None:
+                cands = [dataclasses.replace(c, score=score) for c, score in zip(cands, orm[index], strict=True)]
+            pick = choose(cands, row.select, answer_key(problem))
+            text = pick.text if pick else ""
+            records.append({
+                "id": problem.id, "line": entry["line"], "answer": pick.answer if pick else None,
+                "correct": get_task(problem.task).score(problem, text)[0] == 1.0, "chain": text,
+                "score": pick.score if pick else None, "candidates": len(cands), "tokens": entry["tokens"],
+                "expansions": entry["expansions"], "policy_flops": entry["policy_flops"],
+                "scorer_flops": entry["scorer_flops"],
+            })
         out_dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(out_dir / f"{row.key}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         count = len(records)
         summary = {
             "name": row.name, "strategy": row.strategy, "scorer": row.scorer, "select": row.select,
             "budget": row.budget, "size": _size(spec), "problems": count,
-            "accuracy": sum(bool(r["correct"]) for r in records) / count,
+            "accuracy": sum(r["correct"] for r in records) / count,
             "tokens_per_problem": sum(r["tokens"] for r in records) / count,
             "steps_per_problem": sum(r["expansions"] for r in records) / count,
             "flops_per_problem": sum(r["policy_flops"] + r["scorer_flops"] for r in records) / count,
