@@ -96,6 +96,10 @@ def resolve(spec: SearchSpec) -> SearchSpec:
         raise ValueError(f"search.aggregate must be last, min or product, got {spec.aggregate!r}")
     if spec.strategy == "sample":
         spec = dataclasses.replace(spec, n=1)
+    if spec.strategy == "mcts" and spec.wave > spec.simulations:
+        # A wave expands `wave` leaves at once: more than `simulations` would overrun the tree's
+        # node budget (sized by simulations) and leave no room to finish the chosen path.
+        spec = dataclasses.replace(spec, wave=spec.simulations)
     if spec.strategy == "dvts" and spec.n % spec.m:
         raise ValueError(f"dvts: n ({spec.n}) must be a multiple of m ({spec.m})")
     return spec

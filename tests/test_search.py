@@ -25,6 +25,8 @@ SPECS = {
     "beam": SearchSpec(strategy="beam", n=2, m=3),
     "dvts": SearchSpec(strategy="dvts", n=4, m=2),
     "mcts": SearchSpec(strategy="mcts", children=3, simulations=8, wave=2),
+    # a budget-sized MCTS can ask for fewer simulations than a wave: it must still finish its path
+    "mcts_one_simulation": SearchSpec(strategy="mcts", children=3, simulations=1, wave=4),
 }
 SHAPE = dict(max_steps=5, max_step_tokens=10, max_len=128, page_size=8)
 
