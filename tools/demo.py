@@ -92,7 +92,7 @@ def _clear(run_dir: Path) -> None:
     """Removes what the demo writes (and nothing else) under run_dir."""
     import shutil
 
-    for name in ("policy", "reward", "search", "problems.jsonl", "results.json", "scaling.png"):
+    for name in ("policy", "reward", "search", "problems.jsonl", "results.json", "scaling.png", "stage_seconds.json"):
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -132,12 +132,16 @@ class Demo:
 
     def run(self) -> dict:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        timings = {}
+        # Seconds each stage has taken over every run that did its work (a skipped stage adds next to nothing),
+        # kept next to the outputs so an interrupted-and-continued demo still reports its real cost.
+        timings_path = self.run_dir / "stage_seconds.json"
+        timings = _read_json(timings_path)
         for name, stage in [("policy", self.train_policy), ("reward data", self.reward_data),
                             ("reward models", self.reward_models), ("search", self.search)]:
             start = time.perf_counter()
             stage()
-            timings[name] = time.perf_counter() - start
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+            _write_atomic(timings_path, json.dumps(timings) + "\n")
         return self.report(timings)
 
     # -- 1. policy --
@@ -446,7 +450,7 @@ def plot_scaling(results: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("accuracy on held-out problems (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=9, loc="lower right")
+    ax.legend(fontsize=9, loc="upper left", framealpha=0.85)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp)
@@ -456,8 +460,8 @@ def plot_scaling(results: list[dict], path: Path, title: str) -> None:
 
 def _plot_title(cfg) -> str:
     tasks = ", ".join(cfg.data.mixture)
-    return (f"ponder: accuracy vs thinking compute ({tasks}; {cfg.demo.problems} test problems; "
-            f"{cfg.model.num_layers}-layer, width {cfg.model.embed_dim} policy)")
+    return (f"ponder: accuracy vs thinking compute\n{tasks}; {cfg.demo.problems} test problems; "
+            f"{cfg.model.num_layers}-layer, width-{cfg.model.embed_dim} policy")
 
 
 def _machine() -> dict:
