@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session")
 def trained_tiny_policy(tmp_path_factory):
-    """(config, run dir) of the tiny model SFT-trained on 2-operation arithmetic: one run per test session.
+    """(config, run dir) of the tiny model SFT-trained on 1- and 2-operation arithmetic: one run per test session.
 
     A few hundred steps give a policy that solves some but not all held-out problems when
     sampling, which is what search, reward-model and RL tests need. It trains in a
@@ -32,7 +32,7 @@ def trained_tiny_policy(tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("trained_tiny_policy")
     overrides = [
-        "data.mixture={arithmetic_d2_direct: 1.0}",
+        "data.mixture={arithmetic_d1_direct: 1.0, arithmetic_d2_direct: 1.0}",
         "data.batch_size=16",
         "train.steps=400",
         "mesh.data=-1",
