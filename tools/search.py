@@ -344,23 +344,17 @@ def _scorer(cfg, vocab, mesh):
 
     if cfg.search.scorer != "reward":
         return make_scorer(cfg.search.scorer, vocab=vocab), None
-    from configs.load import load_config
-    from train.checkpoint import find_run_config, load_params
-    from train.state import state_layout
+    from train.reward import load_reward_model
 
     path = Path(cfg.search.reward_checkpoint)
-    config_path = find_run_config(path) if path.is_dir() else None
-    if config_path is None:
-        raise ValueError(f"search.reward_checkpoint: no run config.yaml at or above {path}")
-    reward_cfg = load_config(config_path)
-    if not reward_cfg.model.value_head:
-        raise ValueError(f"search.reward_checkpoint {path}: its model has no value head (model.value_head)")
-    if reward_cfg.data.vocab != cfg.data.vocab or reward_cfg.model.max_seq_len < cfg.search.max_len:
+    try:
+        reward = load_reward_model(path, mesh)
+    except FileNotFoundError as err:
+        raise ValueError(f"search.reward_checkpoint: {err}") from None
+    if reward.cfg.data.vocab != cfg.data.vocab or reward.cfg.model.max_seq_len < cfg.search.max_len:
         raise ValueError(f"search.reward_checkpoint {path}: needs the policy's vocabulary ({cfg.data.vocab}) and "
                          f"model.max_seq_len >= search.max_len ({cfg.search.max_len})")
-    layout = state_layout(reward_cfg, mesh)
-    params = load_params(path, layout.abstract["params"])
-    return make_scorer("reward", reward_graphdef=layout.graphdef, reward_cfg=reward_cfg.model), params
+    return make_scorer("reward", reward_graphdef=reward.graphdef, reward_cfg=reward.cfg.model), reward.params
 
 
 def _print_summary(totals: dict, skipped: int, searcher: Searcher, spec, search_cfg, out: Path) -> None:

@@ -100,8 +100,11 @@ class RewardModel:
     vocab: Any
 
 
-def load_reward_model(checkpoint: str | Path) -> RewardModel:
-    """The newest readable params of a reward-model run (dir, checkpoints/ or step dir) and its config."""
+def load_reward_model(checkpoint: str | Path, mesh=None) -> RewardModel:
+    """The newest readable params of a reward-model run (dir, checkpoints/ or step dir) and its config.
+
+    The params are laid out on `mesh` (default: the mesh the run's own config describes).
+    """
     from model.sharding import make_mesh
     from train.checkpoint import load_params
     from train.data import get_vocabulary
@@ -114,7 +117,7 @@ def load_reward_model(checkpoint: str | Path) -> RewardModel:
     cfg = load_config(config)
     if not cfg.model.value_head:
         raise ValueError(f"{checkpoint}: its model has no value head (model.value_head): not a reward model")
-    mesh = make_mesh(cfg.mesh)
+    mesh = make_mesh(cfg.mesh) if mesh is None else mesh
     layout = state_layout(cfg, mesh)
     params = load_params(checkpoint, layout.abstract["params"])
     return RewardModel(cfg, layout.graphdef, params, mesh, get_vocabulary(cfg.data.vocab))
