@@ -73,11 +73,12 @@ def logical_to_spec(
     """Maps logical axis names to a PartitionSpec.
 
     Each dimension takes the mesh axes its rule lists, skipping any an earlier dimension
-    of the same array already uses and (when `mesh` and `shape` are given) any that would
-    not divide the dimension evenly, which then stays replicated over that axis.
+    of the same array already uses, any the mesh has in manual mode (inside `shard_map`) and
+    (when `mesh` and `shape` are given) any that would not divide the dimension evenly, which
+    then stays replicated over that axis.
     """
     table = dict(rules)
-    used: set[str] = set()
+    used: set[str] = set(getattr(mesh, "manual_axes", ()))  # inside shard_map: those are split by hand
     spec: list[str | tuple[str, ...] | None] = []
     for dim, name in enumerate(logical_axes):
         chosen: list[str] = []

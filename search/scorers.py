@@ -121,8 +121,8 @@ class RewardModelScorer(Scorer):
 class OracleScorer(Scorer):
     """ORACLE (tests and upper bounds only): the task's own step checker and verifier, on the host.
 
-    Set `problems` (one `tasks.Problem` per tree of the batch) before each search call. Run it
-    on one device: the host callback aborted on a batch sharded over 8 simulated CPU devices.
+    Set `problems` (one `tasks.Problem` per row of the whole batch) before each search call;
+    a sharded search passes each row's index in the whole batch (`Steps.tree_index`).
     A step scores 1.0 if the checker accepts it given the path so far (the answer line: if
     the verifier accepts the answer), else 0.0.
     """

@@ -24,8 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from model.paged import init_cache
+from model.sharding import logical_to_spec
 from search.sampler import EOS_ID, Sampling, decode_loop, pages_for
 from search.scorers import Scorer, Steps, decode_flops
 from search.tree import Tree, allocate, copy_pages, empty_tree, prune, release
@@ -122,6 +124,7 @@ class SearchState:
     scorer_flops: jax.Array  # [B]
     expansions: jax.Array  # [B] nodes generated
     iteration: jax.Array  # scalar: expansion calls so far (feeds the sampling keys)
+    rows: jax.Array  # [B] each tree's problem: its row in the whole batch (the scorer's `tree_index`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +136,11 @@ class Models:
     scorer: Scorer
 
 
-def init_search(spec, models: Models, params, scorer_params, prompts, prompt_lengths) -> SearchState:
-    """Trees holding only their prompts (node 0), prefilled into both page pools."""
+def init_search(spec, models: Models, params, scorer_params, prompts, prompt_lengths, rows=None) -> SearchState:
+    """Trees holding only their prompts (node 0), prefilled into both page pools.
+
+    rows [B]: each tree's row in the whole batch when this is one shard of it (default 0..B-1).
+    """
     batch = prompts.shape[0]
     num_pages = spec.num_pages or default_num_pages(spec, batch)
     tree = empty_tree(batch, spec.num_nodes, spec.max_children, spec.max_step_tokens, spec.pages_per_node,
@@ -161,7 +167,8 @@ def init_search(spec, models: Models, params, scorer_params, prompts, prompt_len
     )
     zeros = jnp.zeros((batch,), jnp.float32)
     prefill_flops = decode_flops(models.model_cfg, jnp.zeros_like(prompt_lengths), prompt_lengths - 1)
-    return SearchState(tree, cache, scorer_cache, zeros, prefill_flops, zeros, zeros, jnp.zeros((), jnp.int32))
+    rows = jnp.arange(batch) if rows is None else rows
+    return SearchState(tree, cache, scorer_cache, zeros, prefill_flops, zeros, zeros, jnp.zeros((), jnp.int32), rows)
 
 
 def _ancestors(tree: Tree, b: jax.Array, node: jax.Array, depth: int) -> jax.Array:
@@ -240,7 +247,7 @@ def expand(spec: SearchSpec, models: Models, params, scorer_params, keys, state:
     pages = jnp.where(keep, pages, -1)
     table = jnp.where(jnp.arange(spec.pages_per_path)[None, :] <= ((start + num) // ps)[:, None], table, -1)
 
-    steps = Steps(table, start, parent_pending, generated.tokens, generated.logprobs, num, valid, b_idx)
+    steps = Steps(table, start, parent_pending, generated.tokens, generated.logprobs, num, valid, state.rows[b_idx])
     path = None
     if models.scorer.needs_path:
         chain = _ancestors(tree, b_idx, jnp.where(valid, parent, 0), spec.max_steps)
@@ -289,6 +296,7 @@ def expand(spec: SearchSpec, models: Models, params, scorer_params, keys, state:
         scorer_flops=state.scorer_flops + per_row(models.scorer.flops(start, num)),
         expansions=state.expansions + per_row(jnp.ones_like(start, jnp.float32)),
         iteration=state.iteration + 1,
+        rows=state.rows,
     )
     return state, new_id.reshape(batch, leaves_per_tree, k)
 
@@ -562,9 +570,58 @@ def run_search(spec: SearchSpec, models: Models, params, scorer_params, prompts,
 
     Jit with `spec` and `models` static. Returns (state, chosen [B, C]): the final tree and
     stats, and the candidate leaves the strategy ends with (-1: none).
+
+    Under `jax.set_mesh`, the problems are split over the mesh axes the model's rules give
+    the batch (`search_batch_axes`), with `shard_map`: each shard grows the trees of its own
+    problems in its own page pool, and no tree or page crosses devices. The parameters enter
+    whole over those axes (gathered once per call when FSDP splits them) and keep their
+    sharding over the others (tensor; the oracle scorer makes every axis manual, see below).
+    The returned state is the shards' states side by side:
+    tree arrays and stats by problem, each pool's pages after the previous shard's (page ids
+    in a tree are its shard's own), `iteration` one per shard.
     """
     spec = resolve(spec)
-    state = init_search(spec, models, params, scorer_params, prompts, prompt_lengths)
+    batch = prompts.shape[0]
+    axes = search_batch_axes(models, params, batch)
+    if not axes:
+        return _search(spec, models, params, scorer_params, prompts, prompt_lengths, keys, jnp.arange(batch))
+    split, pages = P(axes), P(None, axes)
+
+    def shard(params, scorer_params, prompts, prompt_lengths, keys, rows):
+        state, chosen = _search(spec, models, params, scorer_params, prompts, prompt_lengths, keys, rows)
+        return dataclasses.replace(state, iteration=state.iteration[None]), chosen
+
+    def out_spec(state):
+        per_problem = jax.tree.map(lambda _: split, dataclasses.replace(state, cache=None, scorer_cache=None))
+        pools = {name: jax.tree.map(lambda _: pages, getattr(state, name)) for name in ("cache", "scorer_cache")}
+        return dataclasses.replace(per_problem, **pools), split
+
+    mesh = jax.sharding.get_abstract_mesh()
+    # JAX runs host callbacks (the oracle's) only where every mesh axis is manual: the other
+    # axes then hold whole replicas of the shard's work instead of splitting its matmuls.
+    manual = set(mesh.axis_names) if models.scorer.oracle else set(axes)
+    shapes = jax.eval_shape(shard, params, scorer_params, prompts, prompt_lengths, keys, jnp.arange(batch))
+    run = jax.shard_map(shard, mesh=mesh, in_specs=(P(), P(), split, split, split, split),
+                        out_specs=out_spec(shapes[0]), axis_names=manual, check_vma=False)
+    return run(params, scorer_params, prompts, prompt_lengths, keys, jnp.arange(batch))
+
+
+def search_batch_axes(models: Models, params, batch: int) -> tuple[str, ...]:
+    """The mesh axes (of the current `jax.set_mesh`, with more than one device) that split a search's problems.
+
+    Those the model's rules give the batch and that divide `batch`; none outside a mesh.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    rules = nnx.merge(models.graphdef, params).rules
+    spec = logical_to_spec(("batch",), rules, mesh, (batch,))[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    return tuple(axis for axis in axes if mesh.shape[axis] > 1)
+
+
+def _search(spec, models, params, scorer_params, prompts, prompt_lengths, keys, rows):
+    state = init_search(spec, models, params, scorer_params, prompts, prompt_lengths, rows)
     run = {"sample": _best_of_n, "best_of_n": _best_of_n, "beam": _beam, "dvts": _beam, "mcts": _mcts}[spec.strategy]
     return run(spec, models, params, scorer_params, keys, state)
 

@@ -193,3 +193,52 @@ def test_selection_rules():
     assert choose(cands, "best").answer == "7"
     assert choose(cands, "weighted").answer == "7"  # 0.9 > 0.2 + 0.3
     assert choose([Candidate(4, "", None, 1.0, -1.0, False)], "majority").node == 4
+
+
+@pytest.mark.parametrize("name,scorer", [("beam", "logprob"), ("mcts", "oracle")])
+def test_search_sharded_over_the_batch_axes_matches_one_device(vocab, name, scorer):
+    """On a (2,2,2) mesh each of the 4 (data x fsdp) shards searches its own problems in its own
+    page pool (params split over tensor inside), and every problem ends exactly as on one device.
+    The oracle's host callback runs inside the shards and is told each step's problem."""
+    from model.sharding import make_mesh
+    from search.scorers import OracleScorer
+    from tasks import get_task
+
+    cfg = load_config("configs/models/tiny.yaml", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+    mesh = make_mesh(cfg.mesh)
+    task = get_task("arithmetic")
+    problems = [task.generate(0, i, 2, "test") for i in range(8)]
+    tokens, lengths = encode_prompts(vocab, [p.prompt for p in problems], 40)
+    keys = jnp.stack([jax.random.fold_in(jax.random.key(0), i) for i in range(8)])
+    inputs = (jnp.asarray(tokens), jnp.asarray(lengths), keys)
+    spec = _spec(name)
+    score = LOGPROB
+    if scorer == "oracle":  # the oracle's host callback, reporting which problem each step came from
+        class RowOracle(OracleScorer):
+            def _host_score(self, tree_index, *rest):
+                return np.asarray(tree_index, np.float32)
+
+        score = RowOracle(vocab)
+    graphdef, params = nnx.split(create_model(cfg.model, cfg.rules(), seed=0))
+    one, chosen_one = RUN(spec, Models(graphdef, cfg.model, score), params, None, *inputs)
+    graphdef, sharded = nnx.split(create_model(cfg.model, cfg.rules(), seed=0, mesh=mesh))
+    assert any("tensor" in str(leaf.sharding.spec) for leaf in jax.tree.leaves(sharded))
+    with jax.set_mesh(mesh):
+        split, chosen_split = RUN(spec, Models(graphdef, cfg.model, score), sharded, None, *inputs)
+    assert split.tree.tokens.sharding.spec[0] == ("data", "fsdp")
+    assert split.tree.tokens.sharding.shard_shape(split.tree.tokens.shape)[0] == 2
+    assert split.cache.k.sharding.shard_shape(split.cache.k.shape)[1] == one.cache.k.shape[1] // 4
+    ends = [candidates(spec, state, chosen, vocab) for state, chosen in ((split, chosen_split), (one, chosen_one))]
+    assert [[c.text for c in row] for row in ends[0]] == [[c.text for c in row] for row in ends[1]]
+    # scores agree to float rounding: tensor-split matmuls sum in another order
+    np.testing.assert_allclose([c.score for row in ends[0] for c in row], [c.score for row in ends[1] for c in row],
+                               rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(split.tokens), np.asarray(one.tokens))
+    if scorer == "oracle":  # every shard's callback named each step's problem by its row in the whole batch
+        tree = jax.tree.map(np.asarray, split.tree)
+        for b in range(8):
+            assert (tree.score[b, 1 : tree.node_count[b]] == b).all()
+    for shard in range(4):  # each shard's trees hold pages of its own pool only
+        tree = jax.tree.map(lambda a, s=shard: np.asarray(a)[2 * s : 2 * s + 2], split.tree)
+        assert check_invariants(dataclasses.replace(tree, free=np.asarray(split.tree.free)[
+            shard * len(split.tree.free) // 4 : (shard + 1) * len(split.tree.free) // 4])) == []

@@ -22,7 +22,7 @@ def test_oracle_beam_search_beats_a_single_sample(trained_tiny_policy):
     cfg, run_dir = trained_tiny_policy
     mesh = make_mesh(cfg.mesh)
     layout = state_layout(cfg, mesh)
-    # one device: the oracle's host callback is not run on a sharded batch (see OracleScorer)
+    # one device: on a 2-core machine this tiny model searches fastest unsharded (sharded search: test_search.py)
     params = jax.device_put(load_params(run_dir, layout.abstract["params"]), jax.devices()[0])
     vocab = get_vocabulary("byte")
     task = get_task("arithmetic")

@@ -251,7 +251,7 @@ class SearchRunner:
 
     def __init__(self, cfg, policy_dir: Path, reward_dir: Path, problems_path: Path, show_progress: bool):
         from model.sharding import make_mesh
-        from tools.search import plan_batches, read_problem_lines
+        from tools.search import batch_shards, plan_batches, read_problem_lines
         from train.checkpoint import load_params
         from train.data import get_vocabulary
         from train.state import state_layout
@@ -266,7 +266,7 @@ class SearchRunner:
             raise ValueError(f"{problems_path}: {bad[0]}")
         self.problems = problems
         self.batches = plan_batches(problems, self.vocab, cfg.search.prompt_buckets, cfg.search.max_len,
-                                    min(cfg.search.batch_size, len(problems)))
+                                    min(cfg.search.batch_size, len(problems)), batch_shards(cfg, self.mesh))
         self.searchers: dict = {}
         self.pools: dict = {}
         self.orm = None

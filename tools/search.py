@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import re
 import sys
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     searcher = Searcher(Models(layout.graphdef, cfg.model, scorer), params, scorer_params, mesh)
     spec = search_spec(search_cfg, vocab)
     batches = plan_batches(problems, vocab, search_cfg.prompt_buckets, search_cfg.max_len,
-                           min(search_cfg.batch_size, len(problems)))
+                           min(search_cfg.batch_size, len(problems)), batch_shards(cfg, mesh))
     if search_cfg.budget:
         spec = size_by_pilot(searcher, spec, batches[0], search_cfg, cfg.model)
 
@@ -135,6 +136,11 @@ def run(args: argparse.Namespace) -> int:
             bar.update(len(batch.rows))
     _print_summary(totals, len(skipped), searcher, spec, search_cfg, out)
     return 0
+
+
+def batch_shards(cfg, mesh) -> int:
+    """How many devices of `mesh` split a batch of problems (the mesh axes the rules give `batch`)."""
+    return math.prod(mesh.shape[axis] for axis in dict(cfg.rules()).get("batch", ()))
 
 
 def search_spec(search_cfg, vocab):
@@ -187,8 +193,13 @@ def bucket_width(length: int, buckets: list[int], max_len: int) -> int:
     return min(width, max_len)
 
 
-def plan_batches(problems: list, vocab, buckets: list[int], max_len: int, batch_size: int) -> list[Batch]:
-    """Batches of `batch_size` rows, each of one bucket width (narrowest first, file order within a bucket)."""
+def plan_batches(problems: list, vocab, buckets: list[int], max_len: int, batch_size: int,
+                 shards: int = 1) -> list[Batch]:
+    """Batches of `batch_size` problems, each of one bucket width (narrowest first, file order within a bucket).
+
+    Each batch is padded with copies of its first problem to `batch_size` rows, rounded up to
+    a multiple of `shards` (the devices the mesh splits a search's problems over).
+    """
     from search.sampler import encode_prompts
 
     by_width: dict[int, list] = {}
@@ -200,7 +211,7 @@ def plan_batches(problems: list, vocab, buckets: list[int], max_len: int, batch_
         group = by_width[width]
         for start in range(0, len(group), batch_size):
             rows = group[start : start + batch_size]
-            padded = rows + [rows[0]] * (batch_size - len(rows))  # results of the copies are dropped
+            padded = rows + [rows[0]] * (-(-batch_size // shards) * shards - len(rows))  # copies' results are dropped
             tokens, lengths = encode_prompts(vocab, [problem.prompt for _, problem in padded], width)
             batches.append(Batch(width, rows, tokens, lengths, np.array([n for n, _ in padded])))
     return batches
