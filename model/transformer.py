@@ -69,11 +69,20 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.implementation = None if cfg.attention == "auto" else cfg.attention
 
-    def _qkv(self, x: jax.Array, positions: jax.Array):
+    def fused_qkv(self) -> jax.Array:
+        """wq, wk, wv side by side as one [E, (heads + 2 kv_heads) * head_dim] matrix (see `sliced_layers`)."""
+        return jnp.concatenate([w[...].reshape(w.shape[0], -1) for w in (self.wq, self.wk, self.wv)], axis=1)
+
+    def _qkv(self, x: jax.Array, positions: jax.Array, fused: jax.Array | None = None):
         dt = x.dtype
-        q = jnp.einsum("bte,end->btnd", x, self.wq[...].astype(dt))
-        k = jnp.einsum("bte,ekd->btkd", x, self.wk[...].astype(dt))
-        v = jnp.einsum("bte,ekd->btkd", x, self.wv[...].astype(dt))
+        if fused is None:
+            q = jnp.einsum("bte,end->btnd", x, self.wq[...].astype(dt))
+            k = jnp.einsum("bte,ekd->btkd", x, self.wk[...].astype(dt))
+            v = jnp.einsum("bte,ekd->btkd", x, self.wv[...].astype(dt))
+        else:  # one matmul instead of three
+            (n, d), kv = self.wq.shape[1:], self.wk.shape[1]
+            qkv = (x @ fused.astype(dt)).reshape(*x.shape[:2], n + 2 * kv, d)
+            q, k, v = qkv[:, :, :n], qkv[:, :, n : n + kv], qkv[:, :, n + kv :]
         return rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta), v
 
     def _out(self, attended: jax.Array) -> jax.Array:
@@ -91,12 +100,13 @@ class Attention(nnx.Module):
         attended = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=self.implementation)
         return self._out(attended)
 
-    def paged(self, x, positions, layer, cache: PagedKVCache, page_table, lengths, num_new):
+    def paged(self, x, positions, layer, cache: PagedKVCache, page_table, lengths, num_new, fused_qkv=None):
         """Attention for new tokens against a row's pages, writing their keys/values first.
 
-        x: [B, T, E]; positions: [B, T]; page_table: [B, P]; lengths, num_new: [B].
+        x: [B, T, E]; positions: [B, T]; page_table: [B, P]; lengths, num_new: [B];
+        fused_qkv: `fused_qkv()` taken from outside a decode loop, or None.
         """
-        q, k, v = self._qkv(x, positions)
+        q, k, v = self._qkv(x, positions, fused_qkv)
         cache = write_pages(cache, layer, k, v, page_table, lengths, num_new)
         return self._out(attend_paged(q, cache, layer, page_table, lengths, num_new)), cache
 
@@ -110,10 +120,17 @@ class MLP(nnx.Module):
         self.w_up = _param(rngs, _fan_in(0, 1), (e, f), ("embed", "mlp"), pdt)
         self.w_down = _param(rngs, _fan_in(0, 1), (f, e), ("mlp", "embed"), pdt)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def fused_gate_up(self) -> jax.Array:
+        """w_gate and w_up side by side as one [E, 2 * mlp] matrix (see `sliced_layers`)."""
+        return jnp.concatenate([self.w_gate[...], self.w_up[...]], axis=1)
+
+    def __call__(self, x: jax.Array, fused_gate_up: jax.Array | None = None) -> jax.Array:
         dt = x.dtype
-        gate = jax.nn.silu(x @ self.w_gate[...].astype(dt))
-        return (gate * (x @ self.w_up[...].astype(dt))) @ self.w_down[...].astype(dt)
+        if fused_gate_up is None:
+            gate, up = x @ self.w_gate[...].astype(dt), x @ self.w_up[...].astype(dt)
+        else:  # one matmul instead of two
+            gate, up = jnp.split(x @ fused_gate_up.astype(dt), 2, axis=-1)
+        return (jax.nn.silu(gate) * up) @ self.w_down[...].astype(dt)
 
 
 class Block(nnx.Module):
@@ -130,10 +147,13 @@ class Block(nnx.Module):
         x = x + self.attn(self.attn_norm(x), positions, segment_ids)
         return x + self.mlp(self.mlp_norm(x))
 
-    def paged(self, x, positions, layer, cache, page_table, lengths, num_new):
-        attended, cache = self.attn.paged(self.attn_norm(x), positions, layer, cache, page_table, lengths, num_new)
+    def paged(self, x, positions, layer, cache, page_table, lengths, num_new, fused=None):
+        """fused: {"qkv", "gate_up"} weights from `Transformer.sliced_layers`, or None."""
+        fused = fused or {}
+        attended, cache = self.attn.paged(self.attn_norm(x), positions, layer, cache, page_table, lengths, num_new,
+                                          fused.get("qkv"))
         x = x + attended
-        return x + self.mlp(self.mlp_norm(x)), cache
+        return x + self.mlp(self.mlp_norm(x), fused.get("gate_up")), cache
 
 
 class ScalarHead(nnx.Module):
@@ -184,31 +204,40 @@ class Transformer(nnx.Module):
         return constrain(x, BATCH_LENGTH_EMBED, self.rules)
 
     def sliced_layers(self) -> tuple:
-        """Each layer's parameters as its own arrays (a copy of the blocks' weights).
+        """Each layer's parameters as its own arrays (a copy of the blocks' weights), with fused matrices.
 
+        Returns per layer (state, {"qkv": [E, (heads + 2 kv_heads) * head_dim], "gate_up": [E, 2 * mlp]}).
         A decode loop that takes them from outside its `lax.while_loop` (`decode(..., layers=)`)
         reads each layer's weights in place; slicing the stacked weights inside the loop copies
-        them on every token on CPU, a fifth of a small model's decode step.
+        them on every token on CPU, a fifth of a small model's decode step. The fused matrices
+        make a token's q/k/v one matmul and its gate/up one more: a decode step's matmuls are
+        small, and on CPU each costs about as much to launch as to run.
         """
-        _, stacked = nnx.split(self.blocks)
-        return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.cfg.num_layers))
+        graphdef, stacked = nnx.split(self.blocks)
+        layers = []
+        for i in range(self.cfg.num_layers):
+            state = jax.tree.map(lambda a, i=i: a[i], stacked)
+            block = nnx.merge(graphdef, state)
+            layers.append((state, {"qkv": block.attn.fused_qkv(), "gate_up": block.mlp.fused_gate_up()}))
+        return tuple(layers)
 
     def _run_layers(self, step, x, carry, unroll: int = 1, layers: tuple | None = None):
-        """Applies `step(block, layer_index, x, carry) -> (x, carry)` for each layer (`unroll` per scan trip).
+        """Applies `step(block, layer_index, x, carry, fused) -> (x, carry)` for each layer (`unroll` per scan trip).
 
-        `layers` (from `sliced_layers`) runs the layers from those arrays, unrolled.
+        `layers` (from `sliced_layers`) runs the layers from those arrays, unrolled, with their
+        fused matrices; otherwise `fused` is None.
         """
         graphdef, stacked = nnx.split(self.blocks)
         if layers is not None:
-            for i, layer_state in enumerate(layers):
-                x, carry = step(nnx.merge(graphdef, layer_state), i, x, carry)
+            for i, (layer_state, fused) in enumerate(layers):
+                x, carry = step(nnx.merge(graphdef, layer_state), i, x, carry, fused)
                 x = constrain(x, BATCH_LENGTH_EMBED, self.rules)
             return x, carry
 
         def body(state, layer_state_and_index):
             x, carry = state
             layer_state, layer = layer_state_and_index
-            x, carry = step(nnx.merge(graphdef, layer_state), layer, x, carry)
+            x, carry = step(nnx.merge(graphdef, layer_state), layer, x, carry, None)
             return (constrain(x, BATCH_LENGTH_EMBED, self.rules), carry), None
 
         if self.cfg.remat != "none":
@@ -240,7 +269,7 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
 
-        def step(block, layer, x, carry):
+        def step(block, layer, x, carry, fused):
             return block(x, positions, segment_ids), carry
 
         x, _ = self._run_layers(step, self._embed(tokens), ())
@@ -257,8 +286,8 @@ class Transformer(nnx.Module):
         if num_new is None:
             num_new = jnp.full(tokens.shape[:1], tokens.shape[1], jnp.int32)
 
-        def step(block, layer, x, cache):
-            return block.paged(x, positions, layer, cache, page_table, lengths, num_new)
+        def step(block, layer, x, cache, fused):
+            return block.paged(x, positions, layer, cache, page_table, lengths, num_new, fused)
 
         # Unrolled (up to 8 layers per loop trip): a decode step is small, and a loop trip per
         # layer costs as much as the layer on CPU.

@@ -124,3 +124,16 @@ def test_vocab_train_writes_a_sentencepiece_model(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "v" / "spm.model").stat().st_size > 0
     assert "model.vocab_size >= 384" in result.stdout
+
+
+def test_cpu_backend_flags_turn_ynnpack_matmuls_off_unless_the_user_chose():
+    from tools.cli import YNN_FLAG, cpu_backend_flags
+
+    assert cpu_backend_flags("", "0.10.2") == f"{YNN_FLAG}="
+    devices = "--xla_force_host_platform_device_count=8"
+    assert cpu_backend_flags(devices, "0.10.2") == f"{devices} {YNN_FLAG}="
+    chosen = f"{YNN_FLAG}=dot"
+    assert cpu_backend_flags(chosen, "0.10.2") == chosen  # the user's choice stands
+    assert cpu_backend_flags(devices, "0.11.0") == devices  # a jaxlib not known to have the flag: untouched
+    # the test session itself runs with what `ponder` runs with
+    assert f"{YNN_FLAG}=" in os.environ["XLA_FLAGS"]
