@@ -135,5 +135,7 @@ def test_cpu_backend_flags_turn_ynnpack_matmuls_off_unless_the_user_chose():
     chosen = f"{YNN_FLAG}=dot"
     assert cpu_backend_flags(chosen, "0.10.2") == chosen  # the user's choice stands
     assert cpu_backend_flags(devices, "0.11.0") == devices  # a jaxlib not known to have the flag: untouched
-    # the test session itself runs with what `ponder` runs with
-    assert f"{YNN_FLAG}=" in os.environ["XLA_FLAGS"]
+    # the test session itself runs with what `ponder` runs with (on a newer jaxlib: without the flag)
+    from importlib.metadata import version
+
+    assert (f"{YNN_FLAG}=" in os.environ["XLA_FLAGS"]) == version("jaxlib").startswith("0.10.")
