@@ -58,6 +58,19 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raise ConfigError(f"invalid config {top}:\n" + "\n".join(f"  {line}" for line in lines)) from None
 
 
+def with_overrides(cfg: Config, overrides: Sequence[str], source: str) -> Config:
+    """`cfg` with dotted `key=value` overrides applied and validated; errors name `source` and the override."""
+    sources: Sources = {}
+    data = cfg.model_dump(mode="json")
+    for override in overrides:
+        data = _merge(data, _parse_override(override), f"{source} `{override}`", sources)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        lines = _describe_errors(err, data, sources, default_source=source)
+        raise ConfigError(f"invalid config after {source}:\n" + "\n".join(f"  {line}" for line in lines)) from None
+
+
 def resolve_path(path: str | Path | None) -> Path:
     """The config file `path` names: as given if it exists, else looked up in the packaged configs."""
     if path is None:

@@ -279,6 +279,10 @@ class DemoConfig(Strict):
     reward_samples: int = Field(4, gt=0)
     mc_rollouts: int = Field(4, ge=0)
     reward_steps: int = Field(100, gt=0)
+    rl_steps: int = Field(0, ge=0)
+    rl_overrides: list[str] = Field(default_factory=list)
+    rl_strategies: list[Literal["sample", "best_of_n", "beam", "dvts", "mcts"]] = Field(
+        default_factory=lambda: ["sample", "best_of_n"])
 
     @model_validator(mode="after")
     def _check_budgets(self) -> DemoConfig:

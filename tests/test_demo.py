@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from configs.load import load_config
-from tools.demo import markdown_table, rows_for
+from tools.demo import demo_rows, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,9 +35,12 @@ def demo_run(tmp_path_factory):
 def test_demo_writes_a_table_a_plot_and_a_row_per_strategy_and_budget(demo_run):
     run_dir, out = demo_run
     cfg = load_config("experiments/demo_tiny")
-    expected = [(row.name, row.budget) for row in rows_for(cfg.demo.budgets, cfg.demo.strategies)]
-    # sample at x1; best_of_n three ways, beam, dvts and mcts at every budget above 1
-    assert len(expected) == 1 + 6 * sum(b > 1 for b in cfg.demo.budgets)
+    expected = [(row.name, row.budget) for row in demo_rows(cfg.demo)]
+    # SFT policy: sample at x1; best_of_n three ways, beam, dvts and mcts at every budget above 1.
+    # RL policy: sample at x1 and best_of_n three ways at every budget above 1.
+    above_1 = sum(b > 1 for b in cfg.demo.budgets)
+    assert cfg.demo.rl_steps > 0 and cfg.demo.rl_strategies == ["sample", "best_of_n"]
+    assert len(expected) == 1 + 6 * above_1 + 1 + 3 * above_1
 
     results = json.loads((run_dir / "results.json").read_text())
     assert [(r["name"], r["budget"]) for r in results["rows"]] == expected
@@ -45,11 +48,17 @@ def test_demo_writes_a_table_a_plot_and_a_row_per_strategy_and_budget(demo_run):
         assert row["problems"] == cfg.demo.problems
         assert 0.0 <= row["accuracy"] <= 1.0
         assert row["tokens_per_problem"] > 0 and row["problems_per_s"] > 0
-    sample = results["rows"][0]
-    # a bigger budget spends more tokens than one sample (what the x-axis of the plot claims)
-    assert all(r["tokens_per_problem"] > sample["tokens_per_problem"] for r in results["rows"][1:])
+    for policy in ("sft", "rl"):
+        rows = [r for r in results["rows"] if r["policy"] == policy]
+        sample = rows[0]
+        assert sample["strategy"] == "sample"
+        # a bigger budget spends more tokens than one sample of the same policy (what the plot's x-axis claims)
+        assert rows[1:] and all(r["tokens_per_problem"] > sample["tokens_per_problem"] for r in rows[1:])
     assert set(results["reward_eval"]) == {"prm", "orm"}
-    assert results["stage_seconds"].keys() == {"policy", "reward data", "reward models", "search"}
+    assert results["stage_seconds"].keys() == {"policy", "rl", "reward data", "reward models", "search"}
+    rl_metrics = [json.loads(line) for line in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert max(m["step"] for m in rl_metrics) == cfg.demo.rl_steps
+    assert "RL: pass@1 on the" in out
 
     png = (run_dir / "scaling.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
@@ -67,5 +76,5 @@ def test_a_second_run_skips_every_stage_and_keeps_the_results(demo_run):
     before = json.loads((run_dir / "results.json").read_text())["rows"]
     process = _demo(run_dir)
     assert process.returncode == 0, process.stderr[-3000:]
-    assert process.stdout.count("skipping") == 5, process.stdout  # policy, data, PRM, ORM, search
+    assert process.stdout.count("skipping") == 6, process.stdout  # policy, RL, data, PRM, ORM, search
     assert json.loads((run_dir / "results.json").read_text())["rows"] == before

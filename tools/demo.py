@@ -7,6 +7,7 @@
 Stages, each skipped when its output exists (the screen says so):
 
 1. policy      SFT of the config's policy on its task mixture (`ponder train`)    RUN/policy/
+   rl          GRPO from that policy for demo.rl_steps steps (`ponder rl`; 0: none) RUN/rl/
 2. reward data the policy's samples on train problems, labelled (`ponder reward data`)  RUN/reward/data.jsonl
 3. reward      a PRM and an ORM from the policy's checkpoint (`ponder reward train`) RUN/reward/{prm,orm}/
 4. search      every strategy at budgets of 1x..Nx the tokens of one sample, on
@@ -15,7 +16,9 @@ Stages, each skipped when its output exists (the screen says so):
 
 A budget multiple B gives each problem about B times the tokens that one sampled chain
 costs on the same problems (measured by the `sample` row), and sizes N, the beams or the
-simulations from it; every row reports the tokens it really spent.
+simulations from it; every row reports the tokens it really spent. With an RL stage the table
+also has `rl/...` rows: demo.rl_strategies run on the RL policy (same problems, same PRM/ORM),
+and the `rl/sample` row against `sample` is pass@1 before and after RL.
 """
 
 from __future__ import annotations
@@ -44,10 +47,16 @@ class Row:
     scorer: str  # logprob, prm, orm
     select: str  # majority, best, weighted
     budget: int  # multiple of one sample's tokens
+    policy: str = "sft"  # sft: the SFT policy; rl: the policy after the RL stage
 
     @property
     def key(self) -> str:
         return f"{self.name.replace('/', '_')}_x{self.budget}"
+
+    @property
+    def base(self) -> Row:
+        """The `sample` row of the same policy (whose tokens size this row's budget)."""
+        return rows_for([1], ["sample"], self.policy)[0]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -75,14 +84,17 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+        run_dir = Path(args.run_dir or cfg.demo.run_dir)
+        demo = Demo(cfg, run_dir, show_progress=not args.no_progress)
+        if cfg.demo.rl_steps:
+            demo.rl_config()  # a bad demo.rl_overrides fails now, not after the policy's training
     except ConfigError as err:
         print(f"ponder demo: error: {err}", file=sys.stderr)
         return 2
-    run_dir = Path(args.run_dir or cfg.demo.run_dir)
     if args.fresh and run_dir.exists():
         _clear(run_dir)
     start = time.perf_counter()
-    results = Demo(cfg, run_dir, show_progress=not args.no_progress).run()
+    results = demo.run()
     print(f"ponder demo: done in {(time.perf_counter() - start) / 60:.1f} min; {run_dir / 'results.json'}, "
           f"{run_dir / 'scaling.png'}")
     return 0 if results else 1
@@ -92,7 +104,8 @@ def _clear(run_dir: Path) -> None:
     """Removes what the demo writes (and nothing else) under run_dir."""
     import shutil
 
-    for name in ("policy", "reward", "search", "problems.jsonl", "results.json", "scaling.png", "stage_seconds.json"):
+    for name in ("policy", "rl", "reward", "search", "problems.jsonl", "results.json", "scaling.png",
+                 "stage_seconds.json"):
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -101,8 +114,11 @@ def _clear(run_dir: Path) -> None:
     print(f"ponder demo: --fresh: cleared {run_dir}")
 
 
-def rows_for(budgets: list[int], strategies: list[str]) -> list[Row]:
-    """The table's rows: `sample` once, then each strategy at each budget multiple above 1."""
+def rows_for(budgets: list[int], strategies: list[str], policy: str = "sft") -> list[Row]:
+    """The table's rows for one policy: `sample` once, then each strategy at each budget multiple above 1.
+
+    Rows of the RL policy are named `rl/...`.
+    """
     variants = {
         # One pool of N samples per budget serves all three (the same chains, so the same tokens).
         "best_of_n": [("best_of_n/majority", "prm", "majority"), ("best_of_n/orm-weighted", "orm", "weighted"),
@@ -111,10 +127,19 @@ def rows_for(budgets: list[int], strategies: list[str]) -> list[Row]:
         "dvts": [("dvts/prm", "prm", "best")],
         "mcts": [("mcts/prm", "prm", "best")],
     }
-    rows = [Row("sample", "sample", "logprob", "best", 1)] if "sample" in strategies else []
+    prefix = "" if policy == "sft" else f"{policy}/"
+    rows = [Row(f"{prefix}sample", "sample", "logprob", "best", 1, policy)] if "sample" in strategies else []
     for strategy in strategies:
         for name, scorer, select in variants.get(strategy, []):
-            rows += [Row(name, strategy, scorer, select, budget) for budget in budgets if budget > 1]
+            rows += [Row(prefix + name, strategy, scorer, select, budget, policy) for budget in budgets if budget > 1]
+    return rows
+
+
+def demo_rows(demo) -> list[Row]:
+    """Every row of a demo config's table: the SFT policy's, then (with an RL stage) the RL policy's."""
+    rows = rows_for(demo.budgets, demo.strategies)
+    if demo.rl_steps:
+        rows += rows_for(demo.budgets, demo.rl_strategies, "rl")
     return rows
 
 
@@ -126,6 +151,7 @@ class Demo:
         self.policy_dir = run_dir / "policy"
         self.reward_dir = run_dir / "reward"
         self.search_dir = run_dir / "search"
+        self.rl_dir = run_dir / "rl"
 
     def say(self, message: str) -> None:
         print(f"ponder demo: {message}", flush=True)
@@ -136,8 +162,9 @@ class Demo:
         # kept next to the outputs so an interrupted-and-continued demo still reports its real cost.
         timings_path = self.run_dir / "stage_seconds.json"
         timings = _read_json(timings_path)
-        for name, stage in [("policy", self.train_policy), ("reward data", self.reward_data),
-                            ("reward models", self.reward_models), ("search", self.search)]:
+        stages = [("policy", self.train_policy)] + ([("rl", self.train_rl)] if self.cfg.demo.rl_steps else [])
+        stages += [("reward data", self.reward_data), ("reward models", self.reward_models), ("search", self.search)]
+        for name, stage in stages:
             start = time.perf_counter()
             stage()
             timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
@@ -161,6 +188,29 @@ class Demo:
             return
         self.say(f"1/4 policy: SFT on {', '.join(cfg.data.mixture)} for {cfg.train.steps} steps -> {self.policy_dir}")
         train(cfg, show_progress=self.show_progress)
+
+    # -- 1b. RL --
+
+    def rl_config(self):
+        """The config's rl.* (and demo.rl_overrides) from the SFT policy into RUN/rl for demo.rl_steps steps."""
+        from configs.load import with_overrides
+        from train.rl import with_policy
+
+        cfg = with_policy(self.cfg, self.policy_dir, self.rl_dir, steps=self.cfg.demo.rl_steps)
+        return with_overrides(cfg, self.cfg.demo.rl_overrides, "demo.rl_overrides")
+
+    def train_rl(self) -> None:
+        from train.checkpoint import Checkpoints
+        from train.rl import train_rl
+
+        cfg = self.rl_config()
+        done = Checkpoints(self.rl_dir / "checkpoints", save_every=1, keep=1).latest_step()
+        if done is not None and done >= cfg.rl.steps:
+            self.say(f"1/4 RL: {self.rl_dir} has step {done} of {cfg.rl.steps}: skipping")
+            return
+        self.say(f"1/4 RL: {cfg.rl.algorithm} from the policy for {cfg.rl.steps} steps, {cfg.rl.prompts_per_step} "
+                 f"prompts x {cfg.rl.group_size} samples each -> {self.rl_dir}")
+        train_rl(cfg, show_progress=self.show_progress)
 
     # -- 2. reward data --
 
@@ -215,25 +265,31 @@ class Demo:
         return path
 
     def search(self) -> None:
-        rows = rows_for(self.cfg.demo.budgets, self.cfg.demo.strategies)
+        rows = demo_rows(self.cfg.demo)
         todo = [row for row in rows if not (self.search_dir / f"{row.key}.json").exists()]
         if not todo:
             self.say(f"4/4 search: all {len(rows)} rows are in {self.search_dir}: skipping")
             return
         self.say(f"4/4 search: {len(todo)} of {len(rows)} (strategy, budget) rows on "
                  f"{self.cfg.demo.problems} test problems -> {self.search_dir}")
-        runner = SearchRunner(self.cfg, self.policy_dir, self.reward_dir, self.test_problems(), self.show_progress)
-        base = runner.run(Row("sample", "sample", "logprob", "best", 1), self.search_dir, None)
+        policies = {"sft": self.policy_dir, "rl": self.rl_dir}
+        runner = SearchRunner(self.cfg, policies, self.reward_dir, self.test_problems(), self.show_progress)
         for row in todo:
+            base = runner.run(row.base, self.search_dir, None)
             runner.run(row, self.search_dir, base)
 
     # -- 5. report --
 
     def report(self, timings: dict) -> dict:
-        rows = rows_for(self.cfg.demo.budgets, self.cfg.demo.strategies)
+        rows = demo_rows(self.cfg.demo)
         results = [json.loads((self.search_dir / f"{row.key}.json").read_text()) for row in rows]
         reward_eval = {kind: _read_json(self.reward_dir / kind / "reward_eval.json") for kind in ("prm", "orm")}
         print_table(results)
+        by_name = {(r["name"], r["budget"]): r for r in results}
+        if ("rl/sample", 1) in by_name and ("sample", 1) in by_name:
+            before, after = by_name[("sample", 1)]["accuracy"], by_name[("rl/sample", 1)]["accuracy"]
+            self.say(f"RL: pass@1 on the {self.cfg.demo.problems} test problems {100 * before:.1f}% -> "
+                     f"{100 * after:.1f}% ({100 * (after - before):+.1f} points)")
         summary = {
             "config": self.cfg.model_dump(mode="json"),
             "machine": _machine(),
@@ -249,35 +305,38 @@ class Demo:
 class SearchRunner:
     """Runs one table row over the problem file with the shared `ponder search` machinery."""
 
-    def __init__(self, cfg, policy_dir: Path, reward_dir: Path, problems_path: Path, show_progress: bool):
+    def __init__(self, cfg, policies: dict[str, Path], reward_dir: Path, problems_path: Path, show_progress: bool):
         from model.sharding import make_mesh
         from tools.search import batch_shards, plan_batches, read_problem_lines
-        from train.checkpoint import load_params
         from train.data import get_vocabulary
         from train.state import state_layout
 
-        self.cfg, self.reward_dir, self.show_progress = cfg, reward_dir, show_progress
+        self.cfg, self.policies, self.reward_dir, self.show_progress = cfg, policies, reward_dir, show_progress
         self.vocab = get_vocabulary(cfg.data.vocab)
         self.mesh = make_mesh(cfg.mesh)
         self.layout = state_layout(cfg, self.mesh)
-        self.params = load_params(policy_dir, self.layout.abstract["params"])
         problems, bad = read_problem_lines(problems_path)
         if bad:
             raise ValueError(f"{problems_path}: {bad[0]}")
         self.problems = problems
         self.batches = plan_batches(problems, self.vocab, cfg.search.prompt_buckets, cfg.search.max_len,
                                     min(cfg.search.batch_size, len(problems)), batch_shards(cfg, self.mesh))
+        self.params: dict = {}
         self.searchers: dict = {}
+        self.compiled: dict = {}  # per scorer, shared by the policies (params are inputs, not constants)
         self.pools: dict = {}
         self.orm = None
 
-    def searcher(self, scorer_name: str):
-        """A Searcher per scorer (compiled programs are kept per searcher)."""
+    def searcher(self, scorer_name: str, policy: str):
+        """A Searcher per (scorer, policy); the policies' searchers share compiled programs."""
         from search.scorers import make_scorer
         from search.strategies import Models
         from tools.search import Searcher, _scorer
+        from train.checkpoint import load_params
 
-        if scorer_name not in self.searchers:
+        if (scorer_name, policy) not in self.searchers:
+            if policy not in self.params:
+                self.params[policy] = load_params(self.policies[policy], self.layout.abstract["params"])
             if scorer_name == "logprob":
                 scorer, scorer_params = make_scorer("logprob"), None
             else:
@@ -285,9 +344,11 @@ class SearchRunner:
                     update={"scorer": "reward", "reward_checkpoint": str(self.reward_dir / scorer_name)})
                 scorer, scorer_params = _scorer(self.cfg.model_copy(update={"search": search_cfg}), self.vocab,
                                                 self.mesh)
-            self.searchers[scorer_name] = Searcher(Models(self.layout.graphdef, self.cfg.model, scorer), self.params,
-                                                   scorer_params, self.mesh)
-        return self.searchers[scorer_name]
+            searcher = Searcher(Models(self.layout.graphdef, self.cfg.model, scorer), self.params[policy],
+                                scorer_params, self.mesh)
+            searcher.compiled = self.compiled.setdefault(scorer_name, searcher.compiled)
+            self.searchers[scorer_name, policy] = searcher
+        return self.searchers[scorer_name, policy]
 
     def spec_for(self, row: Row, base: dict | None):
         """(search config, SearchSpec) of a row, sized to its budget from the `sample` row's tokens and steps."""
@@ -314,12 +375,12 @@ class SearchRunner:
         from search.strategies import candidates
 
         search_cfg, spec = self.spec_for(row, base)
-        key = (row.strategy, row.budget, row.scorer if row.strategy != "best_of_n" else "prm")
+        key = (row.policy, row.strategy, row.budget, row.scorer if row.strategy != "best_of_n" else "prm")
         if key in self.pools:
             return self.pools[key]
-        searcher = self.searcher(key[2])
+        searcher = self.searcher(key[3], row.policy)
         problems, seconds = [], 0.0
-        with tqdm(total=len(self.problems), unit="problem", desc=f"{row.strategy} x{row.budget}",
+        with tqdm(total=len(self.problems), unit="problem", desc=f"{row.name} x{row.budget}",
                   disable=not self.show_progress, leave=False) as bar:
             for batch in self.batches:
                 state, chosen, batch_seconds = searcher(spec, batch, search_cfg.seed)
@@ -386,8 +447,8 @@ class SearchRunner:
         _write_atomic(out_dir / f"{row.key}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         count = len(records)
         summary = {
-            "name": row.name, "strategy": row.strategy, "scorer": row.scorer, "select": row.select,
-            "budget": row.budget, "size": _size(spec), "problems": count,
+            "name": row.name, "policy": row.policy, "strategy": row.strategy, "scorer": row.scorer,
+            "select": row.select,            "budget": row.budget, "size": _size(spec), "problems": count,
             "accuracy": sum(r["correct"] for r in records) / count,
             "tokens_per_problem": sum(r["tokens"] for r in records) / count,
             "steps_per_problem": sum(r["expansions"] for r in records) / count,
@@ -396,7 +457,7 @@ class SearchRunner:
             "search_seconds": seconds,
         }
         _write_atomic(summary_path, json.dumps(summary) + "\n")
-        print(f"  {row.name:<24} x{row.budget:<3} {summary['size']:<28} accuracy {summary['accuracy']:.3f}  "
+        print(f"  {row.name:<28} x{row.budget:<3} {summary['size']:<28} accuracy {summary['accuracy']:.3f}  "
               f"{summary['tokens_per_problem']:>8.0f} tokens/problem  {summary['problems_per_s']:.2f} problems/s",
               flush=True)
         return summary
@@ -409,11 +470,11 @@ def _size(spec) -> str:
 
 
 def print_table(results: list[dict]) -> None:
-    header = f"{'strategy':<24} {'budget':>6} {'size':<28} {'accuracy':>8} {'tokens/problem':>14} {'problems/s':>10}"
+    header = f"{'strategy':<28} {'budget':>6} {'size':<28} {'accuracy':>8} {'tokens/problem':>14} {'problems/s':>10}"
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r['name']:<24} {'x' + str(r['budget']):>6} {r['size']:<28} {r['accuracy']:>8.3f} "
+        print(f"{r['name']:<28} {'x' + str(r['budget']):>6} {r['size']:<28} {r['accuracy']:>8.3f} "
               f"{r['tokens_per_problem']:>14.0f} {r['problems_per_s']:>10.2f}")
 
 
@@ -432,19 +493,20 @@ def plot_scaling(results: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sample = [r for r in results if r["strategy"] == "sample"]
+    samples = {r.get("policy", "sft"): r for r in results if r["strategy"] == "sample"}
     lines: dict[str, list[dict]] = {}
     for r in results:
         if r["strategy"] != "sample":
             lines.setdefault(r["name"], []).append(r)
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     for name, points in lines.items():
-        points = sorted(sample + points, key=lambda r: r["tokens_per_problem"])
+        policy = points[0].get("policy", "sft")
+        points = sorted([samples[policy]] * (policy in samples) + points, key=lambda r: r["tokens_per_problem"])
         ax.plot([p["tokens_per_problem"] for p in points], [100 * p["accuracy"] for p in points], marker="o",
-                label=name)
-    if sample:
-        ax.scatter([sample[0]["tokens_per_problem"]], [100 * sample[0]["accuracy"]], color="black", zorder=5,
-                   label="one sample")
+                label=name, linestyle="-" if policy == "sft" else "--")
+    for policy, sample in samples.items():
+        ax.scatter([sample["tokens_per_problem"]], [100 * sample["accuracy"]], color="black", zorder=5,
+                   marker="o" if policy == "sft" else "s", label=sample["name"].replace("sample", "one sample"))
     ax.set_xscale("log")
     ax.set_xlabel("generated tokens per problem (log scale)")
     ax.set_ylabel("accuracy on held-out problems (%)")
