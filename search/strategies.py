@@ -332,10 +332,32 @@ def _best_of_n(spec, models, params, scorer_params, keys, state):
     return _complete(spec, models, params, scorer_params, keys, state, first.reshape(state.tree.batch, spec.n))
 
 
+def duplicates(tree, children, exists) -> jax.Array:
+    """[B, G, C] bool: a child whose parent and step tokens equal those of an earlier child in its group."""
+    b = jnp.arange(children.shape[0])[:, None, None]
+    safe = children.clip(0)
+    parent, length, tokens = tree.parent[b, safe], tree.step_len[b, safe], tree.tokens[b, safe]  # tokens [B,G,C,S]
+    width = tokens.shape[-1]
+    same_tokens = jnp.all((tokens[:, :, :, None] == tokens[:, :, None, :])
+                          | (jnp.arange(width) >= length[:, :, :, None, None]), axis=-1)  # [B, G, C, C']
+    same = (same_tokens & (parent[:, :, :, None] == parent[:, :, None, :])
+            & (length[:, :, :, None] == length[:, :, None, :]) & exists[:, :, None, :])
+    earlier = jnp.arange(children.shape[2])[None, :] < jnp.arange(children.shape[2])[:, None]  # [C, C']: c' < c
+    return jnp.any(same & earlier, axis=-1)
+
+
+def beam_order(scores: jax.Array, repeat: jax.Array, open_: jax.Array) -> jax.Array:
+    """Indices along the last axis: open distinct children by score, then open repeats by score, then the rest."""
+    return jnp.lexsort((-scores, repeat, ~open_), axis=-1)
+
+
 def _select_beams(spec, tree, children, groups, width):
     """Per group, the `width` best non-terminal children [B, G, C] by path score; prunes the rest.
 
-    Terminal children stay (they are finished candidates) but give their pages back.
+    A child that repeats an earlier sibling's step (same parent, same tokens) ranks after every
+    distinct child: otherwise a likely step sampled M times fills M beams with one path, and
+    more beams would add copies rather than alternatives. Terminal children stay (they are
+    finished candidates) but give their pages back.
     """
     batch = children.shape[0]
     b = jnp.arange(batch)[:, None, None]
@@ -343,8 +365,8 @@ def _select_beams(spec, tree, children, groups, width):
     exists = (children >= 0) & tree.alive[b, safe]
     open_ = exists & ~tree.terminal[b, safe]
     scores = jnp.where(open_, path_score(spec, tree)[b, safe], -jnp.inf)
-    top_scores, top = jax.lax.top_k(scores, width)  # [B, G, W]
-    chosen = jnp.where(top_scores > -jnp.inf, jnp.take_along_axis(children, top, axis=2), -1)
+    top = beam_order(scores, duplicates(tree, children, open_), open_)[..., :width]  # [B, G, W]
+    chosen = jnp.where(jnp.take_along_axis(open_, top, axis=2), jnp.take_along_axis(children, top, axis=2), -1)
     keep = jnp.zeros((batch, tree.num_nodes), bool).at[jnp.arange(batch)[:, None], chosen.reshape(batch, -1).clip(0)
                                                        ].set(chosen.reshape(batch, -1) >= 0)
     created = jnp.zeros((batch, tree.num_nodes), bool).at[jnp.arange(batch)[:, None], safe.reshape(batch, -1)].set(

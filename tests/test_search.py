@@ -14,8 +14,8 @@ from configs.load import load_config
 from model.transformer import create_model
 from search.sampler import Sampling, encode_prompts
 from search.scorers import LogProbScorer, RewardModelScorer
-from search.strategies import Models, SearchSpec, candidates, choose, run_search
-from search.tree import allocate, check_invariants, path_tokens, release
+from search.strategies import Models, SearchSpec, beam_order, candidates, choose, duplicates, run_search
+from search.tree import allocate, check_invariants, empty_tree, path_tokens, release
 from train.data import get_vocabulary
 
 PROMPTS = ["Compute: 1 + 2\n", "Compute: (3 * 4) - 5 + 6\n", "Numbers: 3 5 7\nTarget: 15\n"]
@@ -102,6 +102,30 @@ def test_beam_search_reuses_pruned_pages(policy, vocab):
     assert check_invariants(state.tree) == []
     assert not bool(state.tree.out_of_room.any())
     np.testing.assert_array_equal(np.asarray(state.tree.tokens), np.asarray(full.tree.tokens))
+
+
+def test_beam_ranks_a_repeated_step_after_every_distinct_one():
+    tree = empty_tree(batch=1, num_nodes=8, max_children=4, max_step_tokens=4, pages_per_node=1, pages_per_path=2,
+                      num_pages=8)
+    # node: parent, step tokens (only the first step_len count)
+    nodes = {1: (0, [5, 6, 0, 0], 2), 2: (0, [5, 6, 9, 9], 2), 3: (0, [5, 7, 0, 0], 2), 4: (1, [5, 6, 0, 0], 2),
+             5: (1, [5, 6, 1, 0], 3), 6: (1, [5, 6, 0, 0], 2)}
+    for n, (parent, tokens, length) in nodes.items():
+        tree = dataclasses.replace(tree, parent=tree.parent.at[0, n].set(parent),
+                                   tokens=tree.tokens.at[0, n].set(jnp.array(tokens)),
+                                   step_len=tree.step_len.at[0, n].set(length))
+    children = jnp.array([[[1, 2, 3, 4, 5, 6]]])
+    everyone = jnp.ones((1, 1, 6), bool)
+    # 2 repeats 1 (same parent, same first two tokens); 6 repeats 4; 4 has another parent, 5 another length
+    assert duplicates(tree, children, everyone).tolist() == [[[False, True, False, False, False, True]]]
+    # a child that is not open is nobody's original: 2 is then the first of its kind
+    assert duplicates(tree, children, everyone.at[0, 0, 0].set(False)).tolist()[0][0][:2] == [False, False]
+
+    scores = jnp.array([[[0.5, 0.9, 0.1, 0.3, 0.2, 0.8]]])
+    repeat = duplicates(tree, children, everyone)
+    open_ = everyone.at[0, 0, 2].set(False)  # child 3 is terminal or pruned
+    # distinct open children by score (1, 4, 5), then the repeats by score (2, 6), then the closed one (3)
+    assert beam_order(scores, repeat, open_).tolist() == [[[0, 3, 4, 1, 5, 2]]]
 
 
 def test_allocator_grants_in_order_and_refuses_what_does_not_fit():

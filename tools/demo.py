@@ -123,8 +123,10 @@ def rows_for(budgets: list[int], strategies: list[str], policy: str = "sft") -> 
         # One pool of N samples per budget serves all three (the same chains, so the same tokens).
         "best_of_n": [("best_of_n/majority", "prm", "majority"), ("best_of_n/orm-weighted", "orm", "weighted"),
                       ("best_of_n/prm-weighted", "prm", "weighted")],
-        "beam": [("beam/prm", "prm", "best")],
-        "dvts": [("dvts/prm", "prm", "best")],
+        # Beam and DVTS answer by a PRM-weighted vote over their finished chains (as in Snell et al. 2024 and
+        # HF's search-and-learn): the single best-scored chain is as good as the PRM's worst mistake.
+        "beam": [("beam/prm", "prm", "weighted")],
+        "dvts": [("dvts/prm", "prm", "weighted")],
         "mcts": [("mcts/prm", "prm", "best")],
     }
     prefix = "" if policy == "sft" else f"{policy}/"
