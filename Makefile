@@ -15,7 +15,7 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest -q tests
 
-# The inference-time scaling curve from scratch (about 30 min on a 2-core CPU; the target is 15); DEMO_ARGS=--fresh starts over.
+# The inference-time scaling curve and an RL stage from scratch (about 14 min on a 2-core CPU); DEMO_ARGS=--fresh starts over.
 demo: install
 	$(VENV)/bin/ponder demo $(DEMO_ARGS)
 

@@ -65,9 +65,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="train a policy and reward models, then plot accuracy against thinking compute",
         description="The whole pipeline on CPU: SFT the policy of --config (default "
-        f"{DEFAULT_CONFIG}), sample and label reward data, train a PRM and an ORM, run every "
-        "search strategy at budgets of 1x..Nx the tokens of one sample on demo.problems held-out "
-        "test problems, then print a table and write results.json and scaling.png into the run "
+        f"{DEFAULT_CONFIG}), improve it with demo.rl_steps of GRPO (rl.*; 0: no RL stage), sample "
+        "and label reward data, train a PRM and an ORM, run every search strategy at budgets of "
+        "1x..Nx the tokens of one sample on demo.problems held-out test problems (and "
+        "demo.rl_strategies on the RL policy), then print a table and write results.json and "
+        "scaling.png into the run "
         "directory. Stages whose outputs exist are skipped (re-running after an interruption "
         "continues); --fresh starts over. Settings: the config's demo.* keys (documented in "
         "configs/base.yaml), overridable as key=value.",
