@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 from test_cli import ROOT
 
-from configs.load import load_config
+from configs.load import load_config, save_config
 from model.sharding import make_mesh
 from search.sampler import Sampling
 from train.checkpoint import load_params
 from train.data import get_vocabulary
-from train.rl import RLError, train_rl
+from train.rl import RLError, check_policy, train_rl, with_policy
 from train.rl_loss import LossSettings, aggregate, clipped_surrogate, group_advantages, kl_penalty, policy_loss_sums
 from train.rl_rollout import PromptStream, RolloutWorker, reason_category, row_keys, score_rollouts, sequences
 from train.state import state_layout
@@ -255,3 +255,13 @@ def test_expert_iteration_with_search_distillation(trained_tiny_policy, tmp_path
         assert (r["optimizer_steps"] > 0) == (r["kept"] > 0)
         assert r["kept"] * 20 >= r["correct"] * 16 - 1e-6
     assert result["stopped"] == "done"
+
+
+def test_init_from_accepts_the_same_model_written_differently_and_names_a_real_difference(tmp_path):
+    policy = tmp_path / "policy"
+    save_config(load_config("experiments/demo_tiny"), policy)  # head_dim: null (embed_dim // num_heads = 32)
+    same = with_policy(load_config("experiments/demo_tiny", ["model.head_dim=32"]), policy, tmp_path / "rl")
+    assert check_policy(same) == policy
+    other = with_policy(load_config("experiments/demo_tiny", ["model.num_layers=3"]), policy, tmp_path / "rl")
+    with pytest.raises(RLError, match="num_layers: policy 2, this config 3"):
+        check_policy(other)

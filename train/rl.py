@@ -119,9 +119,11 @@ def check_policy(cfg: Config) -> Path:
     config = find_run_config(path)
     if config is not None:
         policy_model = load_config(config).model
-        differences = [f"{k}: policy {v!r}, this config {getattr(cfg.model, k)!r}"
-                       for k, v in policy_model.model_dump().items() if getattr(cfg.model, k) != v
-                       and k not in ("remat", "attention", "dtype", "scan_layers")]
+        # head_dim null means embed_dim // num_heads: compare what the model is built with
+        policy_shape = policy_model.model_dump() | {"head_dim": policy_model.resolved_head_dim}
+        shape = cfg.model.model_dump() | {"head_dim": cfg.model.resolved_head_dim}
+        differences = [f"{k}: policy {v!r}, this config {shape[k]!r}" for k, v in policy_shape.items()
+                       if shape[k] != v and k not in ("remat", "attention", "dtype", "scan_layers")]
         if differences:
             raise RLError(f"rl.init_from={path}: the policy's model differs from model.* ({config}): "
                           + "; ".join(differences))
