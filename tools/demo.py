@@ -452,7 +452,7 @@ class SearchRunner:
         count = len(records)
         summary = {
             "name": row.name, "policy": row.policy, "strategy": row.strategy, "scorer": row.scorer,
-            "select": row.select,            "budget": row.budget, "size": _size(spec), "problems": count,
+            "select": row.select, "budget": row.budget, "size": _size(spec), "problems": count,
             "accuracy": sum(r["correct"] for r in records) / count,
             "tokens_per_problem": sum(r["tokens"] for r in records) / count,
             "steps_per_problem": sum(r["expansions"] for r in records) / count,
