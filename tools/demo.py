@@ -181,14 +181,20 @@ class Demo:
         train = self.cfg.train.model_copy(update={"run_dir": str(self.policy_dir)})
         return self.cfg.model_copy(update={"train": train})
 
-    def train_policy(self) -> None:
+    def trained(self, stage: str, run_dir: Path, steps: int) -> bool:
+        """Whether run_dir has a checkpoint at `steps` or later (then the stage says it skips)."""
         from train.checkpoint import Checkpoints
+
+        done = Checkpoints(run_dir / "checkpoints", save_every=1, keep=1).latest_step()
+        if done is not None and done >= steps:
+            self.say(f"1/4 {stage}: {run_dir} has step {done} of {steps}: skipping")
+        return done is not None and done >= steps
+
+    def train_policy(self) -> None:
         from train.trainer import train
 
         cfg = self.policy_config()
-        done = Checkpoints(self.policy_dir / "checkpoints", save_every=1, keep=1).latest_step()
-        if done is not None and done >= cfg.train.steps:
-            self.say(f"1/4 policy: {self.policy_dir} has step {done} of {cfg.train.steps}: skipping")
+        if self.trained("policy", self.policy_dir, cfg.train.steps):
             return
         self.say(f"1/4 policy: SFT on {', '.join(cfg.data.mixture)} for {cfg.train.steps} steps -> {self.policy_dir}")
         train(cfg, show_progress=self.show_progress)
@@ -204,13 +210,10 @@ class Demo:
         return with_overrides(cfg, self.cfg.demo.rl_overrides, "demo.rl_overrides")
 
     def train_rl(self) -> None:
-        from train.checkpoint import Checkpoints
         from train.rl import train_rl
 
         cfg = self.rl_config()
-        done = Checkpoints(self.rl_dir / "checkpoints", save_every=1, keep=1).latest_step()
-        if done is not None and done >= cfg.rl.steps:
-            self.say(f"1/4 RL: {self.rl_dir} has step {done} of {cfg.rl.steps}: skipping")
+        if self.trained("RL", self.rl_dir, cfg.rl.steps):
             return
         self.say(f"1/4 RL: {cfg.rl.algorithm} from the policy for {cfg.rl.steps} steps, {cfg.rl.prompts_per_step} "
                  f"prompts x {cfg.rl.group_size} samples each -> {self.rl_dir}")
