@@ -51,11 +51,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     data = _apply_file({}, top, stack=[], applied=set(), sources=sources)
     for override in overrides:
         data = _merge(data, _parse_override(override), f"command-line override `{override}`", sources)
-    try:
-        return Config.model_validate(data)
-    except ValidationError as err:
-        lines = _describe_errors(err, data, sources, default_source=str(top))
-        raise ConfigError(f"invalid config {top}:\n" + "\n".join(f"  {line}" for line in lines)) from None
+    return _validate(data, sources, str(top), f"invalid config {top}")
 
 
 def with_overrides(cfg: Config, overrides: Sequence[str], source: str) -> Config:
@@ -64,11 +60,16 @@ def with_overrides(cfg: Config, overrides: Sequence[str], source: str) -> Config
     data = cfg.model_dump(mode="json")
     for override in overrides:
         data = _merge(data, _parse_override(override), f"{source} `{override}`", sources)
+    return _validate(data, sources, source, f"invalid config after {source}")
+
+
+def _validate(data: dict, sources: Sources, default_source: str, heading: str) -> Config:
+    """The Config of `data`, or a ConfigError: `heading`, then one line per problem naming who set the key."""
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        lines = _describe_errors(err, data, sources, default_source=source)
-        raise ConfigError(f"invalid config after {source}:\n" + "\n".join(f"  {line}" for line in lines)) from None
+        lines = _describe_errors(err, data, sources, default_source=default_source)
+        raise ConfigError(f"{heading}:\n" + "\n".join(f"  {line}" for line in lines)) from None
 
 
 def resolve_path(path: str | Path | None) -> Path:

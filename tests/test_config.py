@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from configs.load import CONFIG_DIR, ConfigError, dump_config, load_config, resolve_path, save_config
+from configs.load import CONFIG_DIR, ConfigError, dump_config, load_config, resolve_path, save_config, with_overrides
 from configs.schema import Config, ModelConfig
 
 ALL_YAML = sorted(CONFIG_DIR.rglob("*.yaml"))
@@ -245,3 +245,13 @@ def test_a_mixture_replaces_the_inherited_one(tmp_path):
     assert load_config("experiments/demo_tiny").data.mixture == {"arithmetic_d2_direct": 1.0}  # not base's d1 too
     cfg = load_config("experiments/demo_tiny", ["data.mixture={sudoku_d1_direct: 2.0}"])
     assert cfg.data.mixture == {"sudoku_d1_direct": 2.0}
+
+
+def test_with_overrides_applies_to_a_loaded_config_and_names_its_source_on_a_bad_key():
+    cfg = load_config("experiments/demo_tiny")
+    changed = with_overrides(cfg, ["optimizer.learning_rate=1.0e-4", "rl.steps=7"], "demo.rl_overrides")
+    assert (changed.optimizer.learning_rate, changed.rl.steps) == (1.0e-4, 7)
+    assert changed.model == cfg.model and cfg.optimizer.learning_rate != 1.0e-4  # the original is untouched
+    with pytest.raises(ConfigError, match=r"demo.rl_overrides `optimizer.learnin_rate=1`: optimizer.learnin_rate: "
+                                          r"unknown key; did you mean 'learning_rate'"):
+        with_overrides(cfg, ["optimizer.learnin_rate=1"], "demo.rl_overrides")
