@@ -505,7 +505,7 @@ def plot_scaling(results: list[dict], path: Path, title: str) -> None:
     for r in results:
         if r["strategy"] != "sample":
             lines.setdefault(r["name"], []).append(r)
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(10.5, 5.5), dpi=120)
     for name, points in lines.items():
         policy = points[0].get("policy", "sft")
         points = sorted([samples[policy]] * (policy in samples) + points, key=lambda r: r["tokens_per_problem"])
@@ -519,7 +519,7 @@ def plot_scaling(results: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("accuracy on held-out problems (%)")
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=9, loc="upper left", framealpha=0.85)
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # beside the curves
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp)
