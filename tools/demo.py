@@ -186,9 +186,10 @@ class Demo:
         from train.checkpoint import Checkpoints
 
         done = Checkpoints(run_dir / "checkpoints", save_every=1, keep=1).latest_step()
-        if done is not None and done >= steps:
+        finished = done is not None and done >= steps
+        if finished:
             self.say(f"1/4 {stage}: {run_dir} has step {done} of {steps}: skipping")
-        return done is not None and done >= steps
+        return finished
 
     def train_policy(self) -> None:
         from train.trainer import train
