@@ -217,6 +217,7 @@ class RLConfig(Strict):
     run_dir: str = "runs/rl"
     steps: int = Field(100, gt=0)
     prompts_per_step: int = Field(16, gt=0)
+    oversample: int = Field(1, gt=0)
     group_size: int = Field(8, gt=0)
     problem_start: int = Field(200_000, ge=0)
     max_prompt_len: int = Field(64, gt=1)
@@ -283,6 +284,7 @@ class DemoConfig(Strict):
     rl_overrides: list[str] = Field(default_factory=list)
     rl_strategies: list[Literal["sample", "best_of_n", "beam", "dvts", "mcts"]] = Field(
         default_factory=lambda: ["sample", "best_of_n"])
+    pass_samples: int = Field(8, gt=0)
 
     @model_validator(mode="after")
     def _check_budgets(self) -> DemoConfig:

@@ -55,10 +55,17 @@ def test_demo_writes_a_table_a_plot_and_a_row_per_strategy_and_budget(demo_run):
         # a bigger budget spends more tokens than one sample of the same policy (what the plot's x-axis claims)
         assert rows[1:] and all(r["tokens_per_problem"] > sample["tokens_per_problem"] for r in rows[1:])
     assert set(results["reward_eval"]) == {"prm", "orm"}
-    assert results["stage_seconds"].keys() == {"policy", "rl", "reward data", "reward models", "search"}
+    assert results["stage_seconds"].keys() == {"policy", "rl", "pass@1", "reward data", "reward models", "search"}
     rl_metrics = [json.loads(line) for line in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert max(m["step"] for m in rl_metrics) == cfg.demo.rl_steps
-    assert "RL: pass@1 on the" in out
+    # pass@1 before and after RL over demo.pass_samples samples of every test problem
+    pass_at_1 = results["pass_at_1"]
+    assert pass_at_1["samples"] == cfg.demo.pass_samples > 1 and pass_at_1["problems"] == cfg.demo.problems
+    assert pass_at_1["sft_skipped"] == pass_at_1["rl_skipped"] == 0
+    for policy in ("sft", "rl"):  # a rate over problems x samples: a multiple of 1 / (problems x samples)
+        count = pass_at_1[policy] * cfg.demo.problems * cfg.demo.pass_samples
+        assert 0.0 <= pass_at_1[policy] <= 1.0 and abs(count - round(count)) < 1e-6
+    assert f"RL: pass@1 on the {cfg.demo.problems} test problems ({cfg.demo.pass_samples} samples each" in out
 
     png = (run_dir / "scaling.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
@@ -76,5 +83,5 @@ def test_a_second_run_skips_every_stage_and_keeps_the_results(demo_run):
     before = json.loads((run_dir / "results.json").read_text())["rows"]
     process = _demo(run_dir)
     assert process.returncode == 0, process.stderr[-3000:]
-    assert process.stdout.count("skipping") == 6, process.stdout  # policy, RL, data, PRM, ORM, search
+    assert process.stdout.count("skipping") == 7, process.stdout  # policy, RL, pass@1, data, PRM, ORM, search
     assert json.loads((run_dir / "results.json").read_text())["rows"] == before

@@ -227,6 +227,37 @@ def test_kill_and_resume_continues_the_prompt_stream(trained_tiny_policy, tmp_pa
     assert metrics == list(range(1, saved + 4))
 
 
+def test_kept_groups_put_informative_groups_first_in_stream_order():
+    from train.rl import _kept_groups
+
+    informative = np.array([False, True, False, True, True, False])
+    assert _kept_groups(informative, 2).tolist() == [1, 3]
+    assert _kept_groups(informative, 4).tolist() == [0, 1, 3, 4]  # the three with a signal and the first other
+    assert _kept_groups(np.zeros(4, bool), 2).tolist() == [0, 1]
+    assert _kept_groups(informative, 6).tolist() == list(range(6))  # oversample 1: every group, in order
+
+
+def test_oversampled_grpo_trains_on_the_groups_with_a_signal(trained_tiny_policy, tmp_path):
+    _, policy_dir = trained_tiny_policy
+    cfg = rl_config(policy_dir, tmp_path / "over", "rl.steps=2", "rl.prompts_per_step=4", "rl.group_size=4",
+                    "rl.oversample=2", "rl.max_new_tokens=28", "rl.format_reward=1.0", "rl.eval_every=0")
+    train_rl(cfg, show_progress=False, mesh=one_device_mesh(cfg))
+    rollouts = [json.loads(line) for line in (tmp_path / "over" / "rollouts.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (tmp_path / "over" / "metrics.jsonl").read_text().splitlines()]
+    stream = [i for r in rollouts for i in r["stream"]]
+    assert stream == list(range(16))  # 2 x 4 prompts sampled per step, none skipped or repeated
+    for record, metric in zip(rollouts, metrics, strict=True):
+        rewards = np.asarray(record["reward"]).reshape(8, 4)
+        informative = rewards.min(axis=1) < rewards.max(axis=1)
+        # the first 4 groups with unequal rewards, in stream order, topped up with the first uniform ones
+        expected = sorted(([g for g in range(8) if informative[g]] + [g for g in range(8) if not informative[g]])[:4])
+        assert record["trained"] == [record["stream"][g] for g in expected]
+        assert metric["groups_informative"] == pytest.approx(informative.mean())
+        assert metric["groups_trained_informative"] == pytest.approx(min(informative.sum(), 4) / 4)
+        assert metric["reward_mean"] == pytest.approx(rewards.mean(), abs=1e-4)  # over all 32 samples
+    assert any(m["groups_informative"] < 1 for m in metrics), "no uniform group: the test checks nothing"
+
+
 def test_rl_needs_a_policy(tmp_path, capsys):
     from tools import cli
 

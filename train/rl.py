@@ -4,11 +4,12 @@
 
 One step of the loop, all on one mesh:
 
-1. the next `prompts_per_step` problems of the prompt stream (train split, fixed order);
+1. the next `prompts_per_step` x `oversample` problems of the prompt stream (train split, fixed order);
 2. the policy's params are resharded on device to the rollout layout and the jitted sampler
    draws `group_size` completions per prompt (row keys from the stream's RNG, the problem's
    stream index and the sample number);
 3. the task's verifier scores them (over-length completions get nothing); reasons are counted;
+   with oversample > 1, the `prompts_per_step` groups trained on are those with a signal first;
 4. grpo: advantages relative to the group, old-policy and reference log-probs by a forward
    pass, then `epochs x minibatches` clipped-ratio optimizer steps with a KL penalty;
    expert_iteration: SFT (weighted NLL) on the verified completions (and, with rl.search,
@@ -84,8 +85,12 @@ def evaluate_pass_at_1(worker: RolloutWorker, params, problems: list[Problem], *
 
 
 def policy_pass_at_1(checkpoint: str | Path, problems: list[Problem], *, samples: int = 1, temperature: float = 1.0,
-                     seed: int = 0, overrides: tuple[str, ...] = (), mesh=None) -> float:
-    """pass@1 of a policy run (SFT or RL: a run dir with config.yaml) on `problems`; what the demo compares."""
+                     seed: int = 0, overrides: tuple[str, ...] = (), mesh=None) -> dict[str, float]:
+    """`evaluate_pass_at_1` of a policy run (SFT or RL: a run dir with config.yaml) on `problems`.
+
+    What the demo compares before and after RL; the policy's own rl.* settings (prompt width,
+    completion length) apply.
+    """
     from train.state import state_layout
 
     config = find_run_config(Path(checkpoint))
@@ -97,9 +102,8 @@ def policy_pass_at_1(checkpoint: str | Path, problems: list[Problem], *, samples
     params = load_params(checkpoint, layout.abstract["params"])
     worker = RolloutWorker(cfg, mesh, get_vocabulary(cfg.data.vocab), layout.shardings["params"])
     sampling = Sampling(temperature, cfg.rl.top_k, cfg.rl.top_p)
-    result = evaluate_pass_at_1(worker, worker.rollout_params(params), problems, samples=samples, sampling=sampling,
-                                seed=seed, rows=cfg.rl.prompts_per_step * cfg.rl.group_size)
-    return result["pass_at_1"]
+    return evaluate_pass_at_1(worker, worker.rollout_params(params), problems, samples=samples, sampling=sampling,
+                              seed=seed, rows=cfg.rl.prompts_per_step * cfg.rl.group_size)
 
 
 def with_policy(cfg: Config, init_from: str | Path, run_dir: str | Path, **rl_settings) -> Config:
@@ -181,9 +185,10 @@ def _loop(cfg: Config, mesh, vocab, learner: Learner, stream: PromptStream, chec
     validation = eval_problems(cfg) if rl.eval_every else []
     eval_sampling = Sampling(rl.eval_temperature, rl.top_k, rl.top_p) if rl.eval_temperature is not None \
         else rollout_sampling(cfg)
-    rows = rl.prompts_per_step * rl.group_size
+    rows = rl.prompts_per_step * rl.oversample * rl.group_size  # the rollouts' shape: evaluation reuses it
+    sampled = f" (of {rl.prompts_per_step * rl.oversample} sampled)" if rl.oversample > 1 else ""
     writer.message(f"ponder rl: {rl.algorithm} in {run_dir} ({resumed}) on mesh {dict(mesh.shape)}; "
-                   f"{rl.prompts_per_step} prompts x {rl.group_size} samples per step, "
+                   f"{rl.prompts_per_step} prompts{sampled} x {rl.group_size} samples per step, "
                    f"{rl.epochs * rl.minibatches} optimizer step(s) each")
 
     def evaluate(at: int) -> dict:
@@ -232,25 +237,33 @@ def _rl_step(cfg: Config, state, reference, stream: PromptStream, worker: Rollou
     rl = cfg.rl
     groups = rl.group_size
     step_key = stream.next_key()
-    items = stream.take(rl.prompts_per_step)
-    problems = [p for _, p in items for _ in range(groups)]
-    prompts = [p.prompt for p in problems]
-    keys = row_keys(step_key, [i for i, _ in items for _ in range(groups)], list(range(groups)) * len(items))
+    sampled_items = stream.take(rl.prompts_per_step * rl.oversample)
+    problems = [p for _, p in sampled_items for _ in range(groups)]
+    keys = row_keys(step_key, [i for i, _ in sampled_items for _ in range(groups)],
+                    list(range(groups)) * len(sampled_items))
 
     start = time.perf_counter()
     rollout_params = worker.rollout_params(state["params"])
-    out = worker(rollout_params, prompts, keys, rollout_sampling(cfg))
+    out = worker(rollout_params, [p.prompt for p in problems], keys, rollout_sampling(cfg))
     rollout_seconds = time.perf_counter() - start
-    texts = [decode_text(worker.vocab, out.tokens[r, : out.num[r]]) for r in range(len(prompts))]
+    texts = [decode_text(worker.vocab, out.tokens[r, : out.num[r]]) for r in range(len(problems))]
     scored = score_rollouts(problems, texts, out.finished, rl)
-    completions = [out.tokens[r, : out.num[r]] for r in range(len(prompts))]
 
     if rl.algorithm == "grpo":
         advantages = np.asarray(group_advantages(scored.reward.reshape(-1, groups), std_normalize=rl.std_normalize))
-        advantages, weights = advantages.reshape(-1), np.ones(len(prompts), np.float32)
+        advantages, weights = advantages.reshape(-1), np.ones(len(problems), np.float32)
+        informative = (advantages.reshape(-1, groups) != 0).any(axis=1)
     else:
-        advantages = np.zeros(len(prompts), np.float32)
+        advantages = np.zeros(len(problems), np.float32)
         weights = (scored.correct & out.finished).astype(np.float32)
+        informative = weights.reshape(-1, groups).any(axis=1)
+    kept = _kept_groups(informative, rl.prompts_per_step)
+    rows_kept = (kept[:, None] * groups + np.arange(groups)[None, :]).reshape(-1)
+    items = [sampled_items[g] for g in kept]
+    prompts = [problems[r].prompt for r in rows_kept]
+    completions = [out.tokens[r, : out.num[r]] for r in rows_kept]
+    advantages, weights = advantages[rows_kept], weights[rows_kept]
+    sampler_logprobs = out.logprobs[rows_kept]
     search_metrics: dict = {}
     if distiller is not None:
         chains, found, search_metrics = distiller(rollout_params, [p for _, p in items],
@@ -273,9 +286,9 @@ def _rl_step(cfg: Config, state, reference, stream: PromptStream, worker: Rollou
         old = np.asarray(jax.device_get(learner.logprobs(state["params"], device_batch)))
         ref = np.asarray(jax.device_get(learner.logprobs(reference, device_batch)))
         batch |= {"old_logprobs": old, "ref_logprobs": ref}
-        sampled = batch["loss_mask"][: len(out.num)]  # the sampled rows (search chains come after them)
+        sampled = batch["loss_mask"][: len(rows_kept)]  # the kept sampled rows (search chains come after them)
         extra["rollout_logprob_gap"] = float(  # how far the sampler's log-probs are from the trainer's
-            np.abs((old[: len(out.num)] - _sampler_logprobs(out.logprobs, sampled)) * sampled).sum()
+            np.abs((old[: len(rows_kept)] - _sampler_logprobs(sampler_logprobs, sampled)) * sampled).sum()
             / max(sampled.sum(), 1.0))
     rows = len(prompts)
     for epoch in range(rl.epochs if trainable else 0):
@@ -305,12 +318,27 @@ def _rl_step(cfg: Config, state, reference, stream: PromptStream, worker: Rollou
         "rollout_tokens_per_s": generated / rollout_seconds, "rollout_s": rollout_seconds,
         "train_tokens_per_s": trained_tokens / train_seconds if trained_tokens else 0.0, "train_s": train_seconds,
         "kept": float(weights.mean()), "prompts_skipped": float(stream.skipped),
+        "groups_informative": float(informative.mean()),  # of the sampled groups: some signal to learn from
+        "groups_trained_informative": float(informative[kept].mean()),
         "optimizer_steps": float(len(step_metrics)),
     } | ({"steps_correct": float(scored.steps_correct.mean())} if rl.step_reward else {}) | {
         f"verifier/{reason}": count / len(texts) for reason, count in sorted(scored.reasons.items())} | search_metrics
-    record = {"stream": [i for i, _ in items], "problems": [p.id for _, p in items],
+    record = {"stream": [i for i, _ in sampled_items], "trained": [i for i, _ in items],
+              "problems": [p.id for _, p in sampled_items],
               "reward": [round(float(r), 4) for r in scored.reward], "sample": texts[0]}
     return state, metrics | {"finite": finite}, record
+
+
+def _kept_groups(informative: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the `count` groups to train on, in stream order: informative groups first.
+
+    With rl.oversample = 1 that is every group. With more, the first `count` groups that carry
+    a signal (GRPO: rewards not all equal; expert iteration: a verified completion), topped up
+    with uniform ones when too few do, so the learner's batch keeps its shape (DAPO's dynamic
+    sampling, without re-sampling).
+    """
+    order = np.argsort(~informative, kind="stable")[:count]
+    return np.sort(order)
 
 
 def _sampler_logprobs(logprobs: np.ndarray, mask: np.ndarray) -> np.ndarray:
