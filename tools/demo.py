@@ -188,9 +188,7 @@ class Demo:
 
     def trained(self, stage: str, run_dir: Path, steps: int) -> bool:
         """Whether run_dir has a checkpoint at `steps` or later (then the stage says it skips)."""
-        from train.checkpoint import Checkpoints
-
-        done = Checkpoints(run_dir / "checkpoints", save_every=1, keep=1).latest_step()
+        done = _latest_step(run_dir)
         finished = done is not None and done >= steps
         if finished:
             self.say(f"1/4 {stage}: {run_dir} has step {done} of {steps}: skipping")
@@ -232,7 +230,9 @@ class Demo:
 
         out = self.rl_dir / "pass_at_1.json"
         samples, temperature, seed = self.cfg.demo.pass_samples, self.cfg.search.temperature, self.cfg.search.seed
-        wanted = {"samples": samples, "temperature": temperature, "seed": seed}
+        # the checkpoints measured are part of the key: a longer rerun of either stage measures again
+        wanted = {"samples": samples, "temperature": temperature, "seed": seed,
+                  "sft_step": _latest_step(self.policy_dir), "rl_step": _latest_step(self.rl_dir)}
         if out.exists() and {k: _read_json(out).get(k) for k in wanted} == wanted:
             self.say(f"1/4 pass@1: {out} exists: skipping")
             return
@@ -574,6 +574,13 @@ def _machine() -> dict:
     return {"platform": jax.devices()[0].platform, "devices": jax.device_count(), "cpus": os.cpu_count(),
             "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
             "jax": jax.__version__}
+
+
+def _latest_step(run_dir: Path) -> int | None:
+    """The newest checkpoint step of a training run (None: none yet)."""
+    from train.checkpoint import Checkpoints
+
+    return Checkpoints(run_dir / "checkpoints", save_every=1, keep=1).latest_step()
 
 
 def _read_json(path: Path) -> dict:
