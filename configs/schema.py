@@ -284,12 +284,15 @@ class DemoConfig(Strict):
     rl_overrides: list[str] = Field(default_factory=list)
     rl_strategies: list[Literal["sample", "best_of_n", "beam", "dvts", "mcts"]] = Field(
         default_factory=lambda: ["sample", "best_of_n"])
+    rl_budgets: list[int] | None = None
     pass_samples: int = Field(8, gt=0)
 
     @model_validator(mode="after")
     def _check_budgets(self) -> DemoConfig:
-        if not self.budgets or min(self.budgets) < 1:
-            raise ValueError("demo.budgets: multiples of one sample's tokens, each >= 1")
+        for name in ("budgets", "rl_budgets"):
+            budgets = getattr(self, name)
+            if budgets is not None and (not budgets or min(budgets) < 1):
+                raise ValueError(f"demo.{name}: multiples of one sample's tokens, each >= 1")
         return self
 
 

@@ -54,7 +54,18 @@ def test_demo_writes_a_table_a_plot_and_a_row_per_strategy_and_budget(demo_run):
         assert sample["strategy"] == "sample"
         # a bigger budget spends more tokens than one sample of the same policy (what the plot's x-axis claims)
         assert rows[1:] and all(r["tokens_per_problem"] > sample["tokens_per_problem"] for r in rows[1:])
+    # one program per strategy and budget: the RL policy's rows, and rows reading a pool, compile nothing
+    compiled = {(r["policy"], r["name"], r["budget"]): r["compile_seconds"] for r in results["rows"]}
+    assert compiled["sft", "sample", 1] > 0 and compiled["sft", "best_of_n/majority", cfg.demo.budgets[-1]] > 0
+    assert all(seconds == 0 for (policy, name, _), seconds in compiled.items()
+               if policy == "rl" or name in ("best_of_n/orm-weighted", "best_of_n/prm-weighted"))
+    assert f"search: compiling its {sum(s > 0 for s in compiled.values())} programs took" in out
     assert set(results["reward_eval"]) == {"prm", "orm"}
+    for kind, m in results["reward_eval"].items():  # held-out AUCs, and the within-problem one on the screen
+        if m.get("steps"):
+            assert 0.0 <= m["step_auc"] <= 1.0 and m["within_pairs"] >= 0
+            pooled = "step" if kind == "prm" else "outcome"
+            assert f"{kind.upper()}: {pooled} AUC {m[f'{pooled}_auc']:.3f} over {m['records']} held-out" in out
     assert results["stage_seconds"].keys() == {"policy", "rl", "pass@1", "reward data", "reward models", "search"}
     rl_metrics = [json.loads(line) for line in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert max(m["step"] for m in rl_metrics) == cfg.demo.rl_steps
@@ -85,3 +96,17 @@ def test_a_second_run_skips_every_stage_and_keeps_the_results(demo_run):
     assert process.returncode == 0, process.stderr[-3000:]
     assert process.stdout.count("skipping") == 7, process.stdout  # policy, RL, pass@1, data, PRM, ORM, search
     assert json.loads((run_dir / "results.json").read_text())["rows"] == before
+
+
+def test_rl_rows_take_their_own_budgets_and_bad_budgets_name_the_key():
+    cfg = load_config("experiments/demo", ["demo.budgets=[1, 4, 16, 64]", "demo.rl_budgets=[1, 4]"])
+    rows = [(row.name, row.budget) for row in demo_rows(cfg.demo)]
+    assert ("best_of_n/majority", 64) in rows and ("rl/best_of_n/majority", 4) in rows
+    assert max(budget for name, budget in rows if name.startswith("rl/")) == 4
+    assert [name for name, _ in rows if name.startswith("rl/")] == ["rl/sample", *(
+        f"rl/best_of_n/{rule}" for rule in ("majority", "orm-weighted", "prm-weighted"))]
+    unset = load_config("experiments/demo", ["demo.rl_budgets=null"])
+    assert max(b for name, b in ((r.name, r.budget) for r in demo_rows(unset.demo)) if name.startswith("rl/")) == 64
+    for bad in ("[]", "[0, 4]"):
+        with pytest.raises(ValueError, match="demo.rl_budgets"):
+            load_config("experiments/demo", [f"demo.rl_budgets={bad}"])

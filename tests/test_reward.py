@@ -33,7 +33,7 @@ from tasks.arithmetic import rewrites
 from tasks.expr import Op, evaluate, parse, to_text
 from tools import cli
 from train.data import DataStateError, get_vocabulary
-from train.reward import auc, load_reward_model, score_records, train_reward_model
+from train.reward import RecordScores, auc, load_reward_model, score_records, train_reward_model, within_problem_auc
 from train.reward_data import (
     RewardData,
     RewardDataError,
@@ -112,8 +112,34 @@ def test_prm_trained_briefly_separates_right_from_wrong_steps(prm):
     position_only = max(auc(-steps_in, truth), auc(steps_in, truth))
     assert metrics["step_auc"] > position_only + 0.1, f"no better than the step's position ({position_only:.3f})"
     assert metrics["best_min"] > metrics["single"] + 0.1  # picking the chain with the best step scores helps
+    assert metrics["within_pairs"] > 100 and metrics["within_auc_min"] > 0.6  # ... because it ranks a problem's chains
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_loss" in record for record in history) and result["train"]["step"] == 200
+
+
+def test_within_problem_auc_ranks_only_candidates_of_one_problem():
+    """Hand case: the pooled AUC is perfect (problem 'easy' scores high), yet within 'hard' the wrong chain wins."""
+    problems = plan_problems({"arithmetic_d1_direct": 1.0}, 2, split="test", seed=0)
+
+    def record(problem, outcome):
+        return dataclasses.replace(checker_record(problem, 0, _solution(problem.steps)
+                                                  + f"Answer: {problem.answer}"), outcome=float(outcome))
+
+    easy, hard = problems
+    records = [record(easy, 1), record(easy, 0), record(hard, 1), record(hard, 0), record(hard, 0)]
+    # step scores [first, last] and answer score: min / last / product differ on purpose
+    scores = [RecordScores(np.array(s), a, a) for s, a in [
+        ([0.9, 0.95], 0.9), ([0.9, 0.2], 0.6), ([0.3, 0.4], 0.5), ([0.45, 0.5], 0.5), ([0.3, 0.9], 0.1)]]
+    by_problem = {easy.id: [0, 1], hard.id: [2, 3, 4]}
+    got = within_problem_auc(records, scores, by_problem)
+    # pairs: easy (0 > 1); hard (2 vs 3), (2 vs 4)
+    # min:     0.9 > 0.2 win;  0.3 < 0.45 loss; 0.3 > 0.1 win                                   -> 2/3
+    # last:    0.9 > 0.6 win;  0.5 == 0.5 half; 0.5 > 0.1 win                                   -> 2.5/3
+    # product: 0.7695 > 0.108 win; 0.06 < 0.1125 loss; 0.06 > 0.027 win                          -> 2/3
+    assert got == {"within_pairs": 3, "within_auc_min": 2 / 3, "within_auc_last": 2.5 / 3,
+                   "within_auc_product": 2 / 3}
+    only_right = within_problem_auc(records[:1], scores[:1], {easy.id: [0]})
+    assert only_right["within_pairs"] == 0 and np.isnan(only_right["within_auc_min"])
 
 
 def test_hard_mc_labels_agree_with_the_step_checker(trained_tiny_policy):

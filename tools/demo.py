@@ -146,7 +146,7 @@ def demo_rows(demo) -> list[Row]:
     """Every row of a demo config's table: the SFT policy's, then (with an RL stage) the RL policy's."""
     rows = rows_for(demo.budgets, demo.strategies)
     if demo.rl_steps:
-        rows += rows_for(demo.budgets, demo.rl_strategies, "rl")
+        rows += rows_for(demo.budgets if demo.rl_budgets is None else demo.rl_budgets, demo.rl_strategies, "rl")
     return rows
 
 
@@ -326,6 +326,18 @@ class Demo:
             self.say(f"RL: pass@1 on the {pass_at_1['problems']} test problems ({pass_at_1['samples']} samples each "
                      f"at temperature {pass_at_1['temperature']}) {100 * before:.1f}% -> {100 * after:.1f}% "
                      f"({100 * (after - before):+.1f} points)")
+        if all("compile_seconds" in r for r in results):
+            self.say(f"search: compiling its {sum(r['compile_seconds'] > 0 for r in results)} programs took "
+                     f"{sum(r['compile_seconds'] for r in results):.0f} s of the stage's time")
+        # held-out AUCs, and how often a right chain outscores a wrong one of its own problem: what search needs
+        for kind, m in reward_eval.items():
+            if not m.get("steps"):
+                continue
+            pooled, aggregate = (("step", self.cfg.search.aggregate) if kind == "prm" else ("outcome", "last"))
+            self.say(f"{kind.upper()}: {pooled} AUC {m[f'{pooled}_auc']:.3f} over {m['records']} held-out samples; "
+                     f"a right chain above a wrong one of the same problem in "
+                     f"{m.get(f'within_auc_{aggregate}', float('nan')):.3f} of {m.get('within_pairs', 0)} pairs "
+                     f"({aggregate} of its scores; 0.5 is chance)")
         if ("rl/sample", 1) in by_name and ("sample", 1) in by_name:
             before, after = by_name[("sample", 1)]["accuracy"], by_name[("rl/sample", 1)]["accuracy"]
             self.say(f"    one sample each (the sample rows): {100 * before:.1f}% -> {100 * after:.1f}%")
@@ -404,8 +416,9 @@ class SearchRunner:
             spec = resolve(dataclasses.replace(spec, **sized))
         return search_cfg, spec
 
-    def pool(self, row: Row, base: dict | None) -> tuple[list[dict], float, object]:
-        """Per problem: its candidate chains and costs under the row's search (PRM-scored); and the seconds.
+    def pool(self, row: Row, base: dict | None) -> tuple[list[dict], float, object, float]:
+        """Per problem: its candidate chains and costs under the row's search (PRM-scored); the seconds
+        searching, the spec, and the seconds compiling (0 when the program was compiled for an earlier row).
 
         Cached per (strategy, budget): best-of-N's three selection rules read one pool of samples.
         """
@@ -416,10 +429,11 @@ class SearchRunner:
 
         search_cfg, spec = self.spec_for(row, base)
         key = (row.policy, row.strategy, row.budget, row.scorer if row.strategy != "best_of_n" else "prm")
-        if key in self.pools:
-            return self.pools[key]
+        if key in self.pools:  # its program's compile time went to the row that ran it
+            problems, seconds, spec, _ = self.pools[key]
+            return problems, seconds, spec, 0.0
         searcher = self.searcher(key[3], row.policy)
-        problems, seconds = [], 0.0
+        problems, seconds, compiled_before = [], 0.0, searcher.compile_seconds
         with tqdm(total=len(self.problems), unit="problem", desc=f"{row.name} x{row.budget}",
                   disable=not self.show_progress, leave=False) as bar:
             for batch in self.batches:
@@ -432,7 +446,7 @@ class SearchRunner:
                                      **{name: float(values[row_index]) for name, values in stats.items()}})
                 seconds += batch_seconds
                 bar.update(len(batch.rows))
-        self.pools[key] = (problems, seconds, spec)
+        self.pools[key] = (problems, seconds, spec, searcher.compile_seconds - compiled_before)
         return self.pools[key]
 
     def orm_scores(self, problems: list[dict]) -> tuple[list[list[float]], float]:
@@ -464,7 +478,7 @@ class SearchRunner:
         summary_path = out_dir / f"{row.key}.json"
         if summary_path.exists():
             return json.loads(summary_path.read_text())
-        problems, seconds, spec = self.pool(row, base)
+        problems, seconds, spec, compile_seconds = self.pool(row, base)
         orm = None
         if row.scorer == "orm":
             orm, orm_seconds = self.orm_scores(problems)
@@ -495,6 +509,7 @@ class SearchRunner:
             "flops_per_problem": sum(r["policy_flops"] + r["scorer_flops"] for r in records) / count,
             "problems_per_s": count / seconds if seconds else float("inf"),
             "search_seconds": seconds,
+            "compile_seconds": compile_seconds,
         }
         _write_atomic(summary_path, json.dumps(summary) + "\n")
         print(f"  {row.name:<28} x{row.budget:<3} {summary['size']:<28} accuracy {summary['accuracy']:.3f}  "

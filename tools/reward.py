@@ -184,6 +184,8 @@ def format_metrics(m: dict) -> str:
         "    best by min / last / product      " + " / ".join(f(m[f"best_{a}"]) for a in AGGREGATES),
         "    weighted by min / last / product  " + " / ".join(f(m[f"weighted_{a}"]) for a in AGGREGATES),
         f"    pass@{n:.3g} (ceiling)      {f(m['pass_at_n'])}",
+        f"  right above wrong, same problem ({m.get('within_pairs', 0)} pairs; 0.5 is chance), by min / last / "
+        "product: " + " / ".join(f(m.get(f"within_auc_{a}")) for a in AGGREGATES),
     ]
     return "\n".join(lines)
 

@@ -40,7 +40,7 @@ EVAL_FILE = "reward_eval.json"
 
 __all__ = ["AGGREGATES", "LabelSettings", "RewardModel", "auc", "build_reward_data", "evaluate",
            "evaluate_reward_model", "load_policy", "load_reward_model", "plan_problems", "reward_config",
-           "score_records", "train_reward_model"]
+           "score_records", "train_reward_model", "within_problem_auc"]
 
 
 def _quoted(value: Any) -> str:
@@ -184,7 +184,8 @@ def chain_score(scores: RecordScores, aggregate: str) -> float:
 
 def evaluate(records: list[RewardRecord], scores: list[RecordScores], *,
              answer_key: Callable[[Any], Callable[[str], str]] | None = None) -> dict[str, Any]:
-    """Step-label AUC / accuracy, outcome AUC, and best-of-N selection accuracy against majority vote.
+    """Step-label AUC / accuracy, outcome AUC, best-of-N selection accuracy against majority vote,
+    and the within-problem AUC of the chain scores (`within_problem_auc`).
 
     Records of one problem are its N candidates. `single` is the mean accuracy of one sample;
     `majority` the vote over answers; `best_<agg>` the candidate with the best chain score and
@@ -224,7 +225,31 @@ def evaluate(records: list[RewardRecord], scores: list[RecordScores], *,
     metrics["problems"] = len(by_problem)
     metrics["samples_per_problem"] = float(np.mean([len(v) for v in by_problem.values()])) if by_problem else 0.0
     metrics |= {name: float(np.mean(values)) for name, values in picks.items()}
+    metrics |= within_problem_auc(records, scores, by_problem)
     return metrics
+
+
+def within_problem_auc(records: list[RewardRecord], scores: list[RecordScores],
+                       by_problem: dict[str, list[int]]) -> dict[str, Any]:
+    """How often the chain score ranks a right candidate above a wrong one *of the same problem* (ties half).
+
+    What search needs: the pooled step AUC also rewards telling easy problems from hard ones,
+    which picks nothing among one problem's candidates. `within_pairs` counts the (right, wrong)
+    pairs; `within_auc_<agg>` is NaN when no problem has both.
+    """
+    wins = {aggregate: 0.0 for aggregate in AGGREGATES}
+    pairs = 0
+    for indices in by_problem.values():
+        right = [i for i in indices if records[i].outcome == 1.0]
+        wrong = [i for i in indices if records[i].outcome != 1.0]
+        pairs += len(right) * len(wrong)
+        for aggregate in AGGREGATES:
+            for i in right:
+                for j in wrong:
+                    a, b = chain_score(scores[i], aggregate), chain_score(scores[j], aggregate)
+                    wins[aggregate] += 1.0 if a > b else 0.5 if a == b else 0.0
+    return {"within_pairs": pairs} | {f"within_auc_{aggregate}": wins[aggregate] / pairs if pairs else float("nan")
+                                      for aggregate in AGGREGATES}
 
 
 def evaluate_reward_model(checkpoint: str | Path, data: str | Path | list[RewardRecord], *,
