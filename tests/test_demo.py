@@ -63,7 +63,8 @@ def test_demo_writes_a_table_a_plot_and_a_row_per_strategy_and_budget(demo_run):
     assert set(results["reward_eval"]) == {"prm", "orm"}
     for kind, m in results["reward_eval"].items():  # held-out AUCs, and the within-problem one on the screen
         if m.get("steps"):
-            assert 0.0 <= m["step_auc"] <= 1.0 and m["within_pairs"] >= 0
+            assert not m["step_auc"] < 0.0 and not m["step_auc"] > 1.0  # NaN when 8 problems hold out one class
+            assert m["within_pairs"] >= 0
             pooled = "step" if kind == "prm" else "outcome"
             assert f"{kind.upper()}: {pooled} AUC {m[f'{pooled}_auc']:.3f} over {m['records']} held-out" in out
     assert results["stage_seconds"].keys() == {"policy", "rl", "pass@1", "reward data", "reward models", "search"}
