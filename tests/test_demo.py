@@ -54,11 +54,13 @@ def test_demo_writes_a_table_a_plot_and_a_row_per_strategy_and_budget(demo_run):
         assert sample["strategy"] == "sample"
         # a bigger budget spends more tokens than one sample of the same policy (what the plot's x-axis claims)
         assert rows[1:] and all(r["tokens_per_problem"] > sample["tokens_per_problem"] for r in rows[1:])
-    # one program per strategy and budget: the RL policy's rows, and rows reading a pool, compile nothing
+    # one program per strategy and budget (and the ORM's forward, compiled by the first ORM row): the RL
+    # policy's rows, and rows reading another row's pool, compile nothing
     compiled = {(r["policy"], r["name"], r["budget"]): r["compile_seconds"] for r in results["rows"]}
     assert compiled["sft", "sample", 1] > 0 and compiled["sft", "best_of_n/majority", cfg.demo.budgets[-1]] > 0
+    assert compiled["sft", "best_of_n/orm-weighted", cfg.demo.budgets[1]] > 0
     assert all(seconds == 0 for (policy, name, _), seconds in compiled.items()
-               if policy == "rl" or name in ("best_of_n/orm-weighted", "best_of_n/prm-weighted"))
+               if (policy == "rl" and "orm" not in name) or name == "best_of_n/prm-weighted")
     assert f"search: compiling its {sum(s > 0 for s in compiled.values())} programs took" in out
     assert set(results["reward_eval"]) == {"prm", "orm"}
     for kind, m in results["reward_eval"].items():  # held-out AUCs, and the within-problem one on the screen

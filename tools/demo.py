@@ -378,6 +378,7 @@ class SearchRunner:
         self.compiled: dict = {}  # per scorer, shared by the policies (params are inputs, not constants)
         self.pools: dict = {}
         self.orm = None
+        self.orm_widths: set[int] = set()  # padded widths (in 64s) the ORM's forward was compiled for
 
     def searcher(self, scorer_name: str, policy: str):
         """A Searcher per (scorer, policy); the policies' searchers share compiled programs."""
@@ -449,16 +450,26 @@ class SearchRunner:
         self.pools[key] = (problems, seconds, spec, searcher.compile_seconds - compiled_before)
         return self.pools[key]
 
-    def orm_scores(self, problems: list[dict]) -> tuple[list[list[float]], float]:
-        """The ORM's score of every candidate chain (a dense forward pass each), and the seconds it took."""
+    def orm_scores(self, problems: list[dict]) -> tuple[list[list[float]], float, float]:
+        """The ORM's score of every candidate chain (a dense forward pass each); the seconds scoring, and the
+        seconds compiling the forward (0 when an earlier row compiled it for this width)."""
         from tasks.base import completion_steps, final_answer
         from train.reward import load_reward_model, score_records
-        from train.reward_data import RewardRecord
+        from train.reward_data import RewardRecord, record_tokens
 
         if self.orm is None:
             self.orm = load_reward_model(self.reward_dir / "orm")
         records = [RewardRecord(p["problem"], i, c.text, tuple(completion_steps(c.text)), final_answer(c.text), (),
                                 0.0, "none") for p in problems for i, c in enumerate(p["candidates"])]
+        compile_seconds = 0.0
+        if records:
+            longest = max(records, key=lambda r: len(record_tokens(r, self.orm.vocab)[0]))
+            width = -(-len(record_tokens(longest, self.orm.vocab)[0]) // 64)  # score_records' padded width / 64
+            if width not in self.orm_widths:  # the first call at a width compiles: time it apart
+                start = time.perf_counter()
+                score_records(self.orm, [longest], rows=64)
+                compile_seconds = time.perf_counter() - start
+                self.orm_widths.add(width)
         start = time.perf_counter()
         scores = score_records(self.orm, records, rows=64) if records else []
         seconds = time.perf_counter() - start
@@ -467,7 +478,7 @@ class SearchRunner:
         for p in problems:
             out.append(flat[at : at + len(p["candidates"])])
             at += len(p["candidates"])
-        return out, seconds
+        return out, seconds, compile_seconds
 
     def run(self, row: Row, out_dir: Path, base: dict | None) -> dict:
         """The row's summary (also RUN/search/<key>.json, with per-problem lines in <key>.jsonl)."""
@@ -481,8 +492,8 @@ class SearchRunner:
         problems, seconds, spec, compile_seconds = self.pool(row, base)
         orm = None
         if row.scorer == "orm":
-            orm, orm_seconds = self.orm_scores(problems)
-            seconds += orm_seconds
+            orm, orm_seconds, orm_compile_seconds = self.orm_scores(problems)
+            seconds, compile_seconds = seconds + orm_seconds, compile_seconds + orm_compile_seconds
         records = []
         for index, entry in enumerate(problems):
             problem, cands = entry["problem"], entry["candidates"]
