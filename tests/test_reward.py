@@ -118,7 +118,7 @@ def test_prm_trained_briefly_separates_right_from_wrong_steps(prm):
 
 
 def test_within_problem_auc_ranks_only_candidates_of_one_problem():
-    """Hand case: the pooled AUC is perfect (problem 'easy' scores high), yet within 'hard' the wrong chain wins."""
+    """Hand case: only pairs of one problem count, and within 'hard' a wrong chain can outscore the right one."""
     problems = plan_problems({"arithmetic_d1_direct": 1.0}, 2, split="test", seed=0)
 
     def record(problem, outcome):
