@@ -463,11 +463,12 @@ class SearchRunner:
                                 0.0, "none") for p in problems for i, c in enumerate(p["candidates"])]
         compile_seconds = 0.0
         if records:
-            longest = max(records, key=lambda r: len(record_tokens(r, self.orm.vocab)[0]))
-            width = -(-len(record_tokens(longest, self.orm.vocab)[0]) // 64)  # score_records' padded width / 64
+            lengths = [len(record_tokens(r, self.orm.vocab)[0]) for r in records]
+            longest = int(np.argmax(lengths))
+            width = -(-lengths[longest] // 64)  # score_records' padded width, in 64s
             if width not in self.orm_widths:  # the first call at a width compiles: time it apart
                 start = time.perf_counter()
-                score_records(self.orm, [longest], rows=64)
+                score_records(self.orm, [records[longest]], rows=64)
                 compile_seconds = time.perf_counter() - start
                 self.orm_widths.add(width)
         start = time.perf_counter()

@@ -237,17 +237,17 @@ def within_problem_auc(records: list[RewardRecord], scores: list[RecordScores],
     which picks nothing among one problem's candidates. `within_pairs` counts the (right, wrong)
     pairs; `within_auc_<agg>` is NaN when no problem has both.
     """
+    chains = {aggregate: [chain_score(s, aggregate) for s in scores] for aggregate in AGGREGATES}
     wins = {aggregate: 0.0 for aggregate in AGGREGATES}
     pairs = 0
     for indices in by_problem.values():
         right = [i for i in indices if records[i].outcome == 1.0]
         wrong = [i for i in indices if records[i].outcome != 1.0]
         pairs += len(right) * len(wrong)
-        for aggregate in AGGREGATES:
+        for aggregate, chain in chains.items():
             for i in right:
                 for j in wrong:
-                    a, b = chain_score(scores[i], aggregate), chain_score(scores[j], aggregate)
-                    wins[aggregate] += 1.0 if a > b else 0.5 if a == b else 0.0
+                    wins[aggregate] += 1.0 if chain[i] > chain[j] else 0.5 if chain[i] == chain[j] else 0.0
     return {"within_pairs": pairs} | {f"within_auc_{aggregate}": wins[aggregate] / pairs if pairs else float("nan")
                                       for aggregate in AGGREGATES}
 
