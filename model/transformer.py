@@ -85,8 +85,15 @@ class Attention(nnx.Module):
             q, k, v = qkv[:, :, :n], qkv[:, :, n : n + kv], qkv[:, :, n + kv :]
         return rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta), v
 
-    def _out(self, attended: jax.Array) -> jax.Array:
-        return jnp.einsum("btnd,nde->bte", attended, self.wo[...].astype(attended.dtype))
+    def flat_out(self) -> jax.Array:
+        """wo as one [heads * head_dim, E] matrix (see `sliced_layers`)."""
+        return self.wo[...].reshape(-1, self.wo.shape[-1])
+
+    def _out(self, attended: jax.Array, flat: jax.Array | None = None) -> jax.Array:
+        if flat is None:
+            return jnp.einsum("btnd,nde->bte", attended, self.wo[...].astype(attended.dtype))
+        # heads and head_dim as one contracting axis: XLA need not lay out (or copy) wo anew
+        return attended.reshape(*attended.shape[:2], -1) @ flat.astype(attended.dtype)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         """Causal self-attention over a whole sequence; packed segments do not see each other.
@@ -100,15 +107,16 @@ class Attention(nnx.Module):
         attended = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=self.implementation)
         return self._out(attended)
 
-    def paged(self, x, positions, layer, cache: PagedKVCache, page_table, lengths, num_new, fused_qkv=None):
+    def paged(self, x, positions, layer, cache: PagedKVCache, page_table, lengths, num_new, fused_qkv=None,
+              flat_out=None):
         """Attention for new tokens against a row's pages, writing their keys/values first.
 
         x: [B, T, E]; positions: [B, T]; page_table: [B, P]; lengths, num_new: [B];
-        fused_qkv: `fused_qkv()` taken from outside a decode loop, or None.
+        fused_qkv, flat_out: `fused_qkv()` and `flat_out()` taken from outside a decode loop, or None.
         """
         q, k, v = self._qkv(x, positions, fused_qkv)
         cache = write_pages(cache, layer, k, v, page_table, lengths, num_new)
-        return self._out(attend_paged(q, cache, layer, page_table, lengths, num_new)), cache
+        return self._out(attend_paged(q, cache, layer, page_table, lengths, num_new), flat_out), cache
 
 
 class MLP(nnx.Module):
@@ -148,10 +156,10 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x))
 
     def paged(self, x, positions, layer, cache, page_table, lengths, num_new, fused=None):
-        """fused: {"qkv", "gate_up"} weights from `Transformer.sliced_layers`, or None."""
+        """fused: {"qkv", "out", "gate_up"} weights from `Transformer.sliced_layers`, or None."""
         fused = fused or {}
         attended, cache = self.attn.paged(self.attn_norm(x), positions, layer, cache, page_table, lengths, num_new,
-                                          fused.get("qkv"))
+                                          fused.get("qkv"), fused.get("out"))
         x = x + attended
         return x + self.mlp(self.mlp_norm(x), fused.get("gate_up")), cache
 
@@ -206,19 +214,23 @@ class Transformer(nnx.Module):
     def sliced_layers(self) -> tuple:
         """Each layer's parameters as its own arrays (a copy of the blocks' weights), with fused matrices.
 
-        Returns per layer (state, {"qkv": [E, (heads + 2 kv_heads) * head_dim], "gate_up": [E, 2 * mlp]}).
+        Returns per layer (state, {"qkv": [E, (heads + 2 kv_heads) * head_dim], "out": [heads * head_dim, E],
+        "gate_up": [E, 2 * mlp]}).
         A decode loop that takes them from outside its `lax.while_loop` (`decode(..., layers=)`)
         reads each layer's weights in place; slicing the stacked weights inside the loop copies
         them on every token on CPU, a fifth of a small model's decode step. The fused matrices
         make a token's q/k/v one matmul and its gate/up one more: a decode step's matmuls are
-        small, and on CPU each costs about as much to launch as to run.
+        small, and on CPU each costs about as much to launch as to run. The flat output
+        projection spares a copy of wo per token: XLA:CPU transposed the [heads, head_dim, E]
+        weight on every step to contract both axes.
         """
         graphdef, stacked = nnx.split(self.blocks)
         layers = []
         for i in range(self.cfg.num_layers):
             state = jax.tree.map(lambda a, i=i: a[i], stacked)
             block = nnx.merge(graphdef, state)
-            layers.append((state, {"qkv": block.attn.fused_qkv(), "gate_up": block.mlp.fused_gate_up()}))
+            layers.append((state, {"qkv": block.attn.fused_qkv(), "out": block.attn.flat_out(),
+                                   "gate_up": block.mlp.fused_gate_up()}))
         return tuple(layers)
 
     def _run_layers(self, step, x, carry, unroll: int = 1, layers: tuple | None = None):
