@@ -12,8 +12,12 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
+# pytest-xdist workers: one per core, at most 4 (TEST_WORKERS=1 runs the files one after another);
+# each test file runs on one worker, so its module fixtures are built once.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # The inference-time scaling curve and an RL stage from scratch (about 14 min on a 2-core CPU); DEMO_ARGS=--fresh starts over.
 demo: install

@@ -41,13 +41,36 @@ def trained_tiny_policy(tmp_path_factory):
     sampling, which is what search, reward-model and RL tests need. It trains in a
     subprocess on one CPU device (`ponder train`, no simulated devices): on a 2-core machine
     that is about twice as fast as 8 simulated devices. Its checkpoint restores onto any mesh.
+    Under pytest-xdist (`make test`) the first worker to need it trains it and the others
+    wait for it and read the same run.
     """
-    import subprocess
-    import sys
+    import shutil
+
+    from filelock import FileLock
 
     from configs.load import load_config
 
-    run_dir = tmp_path_factory.mktemp("trained_tiny_policy")
+    run_dir = shared_tmp_dir(tmp_path_factory) / "trained_tiny_policy"
+    trained = run_dir / "TRAINED"  # written last: a run without it is a failed attempt's leftovers
+    with FileLock(f"{run_dir}.lock"):
+        if not trained.exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+            _train_tiny_policy(run_dir)
+            trained.touch()
+    return load_config(str(run_dir / "config.yaml")), run_dir
+
+
+def shared_tmp_dir(tmp_path_factory):
+    """This test session's temporary directory, the same for every pytest-xdist worker."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def _train_tiny_policy(run_dir) -> None:
+    """`ponder train` of the tiny policy into run_dir (see `trained_tiny_policy`)."""
+    import subprocess
+    import sys
+
     overrides = [
         "data.mixture={arithmetic_d1_direct: 1.0, arithmetic_d2_direct: 1.0}",
         "data.batch_size=16",
@@ -67,4 +90,3 @@ def trained_tiny_policy(tmp_path_factory):
          *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert process.returncode == 0, process.stderr[-3000:]
-    return load_config(str(run_dir / "config.yaml")), run_dir
