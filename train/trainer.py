@@ -106,6 +106,29 @@ def train(cfg: Config, *, show_progress: bool = True) -> dict:
     preemption = Preemption()
     last: dict = {}
     nonfinite_in_a_row = skipped = 0
+    # The `finite` flag of the step before the last one dispatched: reading a step's flag waits
+    # for that step, so it is read only once the next step is queued behind it. The host then
+    # reads and places the next batch while the device computes, instead of idling between
+    # steps. A non-finite step changes no parameters (see `train.step`), so finding it a step
+    # late is safe: every checkpoint holds finite params.
+    unchecked: tuple[int, jax.Array] | None = None
+
+    def check_finite() -> None:
+        nonlocal unchecked, nonfinite_in_a_row, skipped
+        if unchecked is None:
+            return
+        flag_step, flag = unchecked
+        unchecked = None
+        finite = bool(flag)
+        nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+        skipped += not finite
+        if nonfinite_in_a_row >= tc.max_nonfinite_steps:
+            raise TrainingError(
+                f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last: step {flag_step}); "
+                f"stopping. The last good checkpoint in {run_dir / 'checkpoints'} is intact; try a lower "
+                "optimizer.learning_rate or stronger clipping."
+            )
+
     window_start, window_steps = time.perf_counter(), 0
     try:
         while step < tc.steps:
@@ -119,18 +142,12 @@ def train(cfg: Config, *, show_progress: bool = True) -> dict:
                 jax.block_until_ready(state)
                 jax.profiler.stop_trace()
 
-            finite = bool(metrics["finite"])
-            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
-            skipped += not finite
-            if nonfinite_in_a_row >= tc.max_nonfinite_steps:
-                raise TrainingError(
-                    f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last: step {step}); "
-                    f"stopping. The last good checkpoint in {run_dir / 'checkpoints'} is intact; try a lower "
-                    "optimizer.learning_rate or stronger clipping."
-                )
+            check_finite()  # the previous step's
+            unchecked = (step, metrics["finite"])
 
             if step % tc.log_every == 0 or step == tc.steps:
                 jax.block_until_ready(metrics)
+                check_finite()  # this step's, so the logged count is current
                 seconds = time.perf_counter() - window_start
                 tokens_per_s = window_steps * tokens_per_step / seconds
                 tflops = flops * tokens_per_s / mesh.size / 1e12
@@ -156,6 +173,7 @@ def train(cfg: Config, *, show_progress: bool = True) -> dict:
                 checkpoints.wait()
                 writer.message(f"ponder train: SIGTERM: saved step {step} to {run_dir / 'checkpoints'}; exiting")
                 return last | {"step": step, "stopped": "preempted"}
+        check_finite()  # the last step's, when it was not a logging step
         writer.progress(step, {})
         return last | {"step": step, "stopped": "done"}
     finally:
