@@ -145,7 +145,7 @@ def train(cfg: Config, *, show_progress: bool = True) -> dict:
             check_finite()  # the previous step's
             unchecked = (step, metrics["finite"])
 
-            if step % tc.log_every == 0 or step == tc.steps:
+            if step % tc.log_every == 0 or step == tc.steps:  # the last step always logs: none goes unchecked
                 jax.block_until_ready(metrics)
                 check_finite()  # this step's, so the logged count is current
                 seconds = time.perf_counter() - window_start
@@ -173,7 +173,6 @@ def train(cfg: Config, *, show_progress: bool = True) -> dict:
                 checkpoints.wait()
                 writer.message(f"ponder train: SIGTERM: saved step {step} to {run_dir / 'checkpoints'}; exiting")
                 return last | {"step": step, "stopped": "preempted"}
-        check_finite()  # the last step's, when it was not a logging step
         writer.progress(step, {})
         return last | {"step": step, "stopped": "done"}
     finally:
