@@ -241,13 +241,13 @@ def within_problem_auc(records: list[RewardRecord], scores: list[RecordScores],
     wins = {aggregate: 0.0 for aggregate in AGGREGATES}
     pairs = 0
     for indices in by_problem.values():
-        right = [i for i in indices if records[i].outcome == 1.0]
-        wrong = [i for i in indices if records[i].outcome != 1.0]
-        pairs += len(right) * len(wrong)
-        for aggregate, chain in chains.items():
-            for i in right:
-                for j in wrong:
-                    wins[aggregate] += 1.0 if chain[i] > chain[j] else 0.5 if chain[i] == chain[j] else 0.0
+        right = [records[i].outcome == 1.0 for i in indices]
+        problem_pairs = sum(right) * (len(right) - sum(right))
+        if not problem_pairs:
+            continue
+        pairs += problem_pairs
+        for aggregate, chain in chains.items():  # one problem's AUC is its share of (right, wrong) pairs won
+            wins[aggregate] += auc([chain[i] for i in indices], right) * problem_pairs
     return {"within_pairs": pairs} | {f"within_auc_{aggregate}": wins[aggregate] / pairs if pairs else float("nan")
                                       for aggregate in AGGREGATES}
 
