@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from configs.schema import ModelConfig
+from model import cpu_kernels
 
 
 @jax.tree_util.register_dataclass
@@ -66,6 +67,19 @@ def attend_paged(q, cache: PagedKVCache, layer, page_table, lengths, num_new) ->
 
     q: [B, T, heads, head_dim]; returns [B, T, heads, head_dim]. Query t sits at slot
     lengths + t and sees slots 0..lengths + t of its own row.
+
+    A one-token decode lowered for CPU runs ponder's native kernel where it applies
+    (`model.cpu_kernels`); every other case, and every other platform, `attend_paged_xla`.
+    """
+    if not cpu_kernels.decode_attention_kernel_applies(q, cache):
+        return attend_paged_xla(q, cache, layer, page_table, lengths, num_new)
+    return jax.lax.platform_dependent(
+        q, cache, layer, page_table, lengths, num_new,
+        cpu=cpu_kernels.paged_decode_attention, default=attend_paged_xla)
+
+
+def attend_paged_xla(q, cache: PagedKVCache, layer, page_table, lengths, num_new) -> jax.Array:
+    """`attend_paged` in XLA ops, for any platform, dtype and number of new tokens.
 
     The pages are read in chunks of CHUNK_SLOTS keys with an online softmax, and the loop
     stops after the chunk holding the batch's longest row: a search's page table is sized

@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from configs.schema import Config
@@ -70,6 +71,7 @@ def describe(cfg: Config) -> dict[str, Any]:
     return {
         "versions": {"jax": jax.__version__, "flax": flax.__version__},
         "backend": jax.default_backend(),
+        "cpu_kernels": cpu_kernels_info(jax.default_backend()),
         "devices": {
             "count": len(devices),
             "kinds": dict(Counter(d.device_kind for d in devices)),
@@ -85,6 +87,25 @@ def describe(cfg: Config) -> dict[str, Any]:
         },
         "memory_per_device": memory_estimate(params),
     }
+
+
+def cpu_kernels_info(backend: str) -> dict[str, Any]:
+    """Whether one-token decode attention runs ponder's native kernel (CPU only; see model/cpu_kernels.py)."""
+    if backend != "cpu":
+        return {"available": False, "detail": f"not used on {backend}: XLA lowers paged attention there"}
+    from model import cpu_kernels
+
+    status = cpu_kernels.status()
+    return {"available": status.available, "detail": status.detail}
+
+
+def _kernels_line(kernels: dict[str, Any]) -> str:
+    """One line under 100 columns: the library's file name, or the first line of why there is none."""
+    if kernels["available"]:
+        return f"kernels:   decode attention by ponder's native CPU kernel ({Path(kernels['detail']).name})"
+    reason = kernels["detail"].splitlines()[0] if kernels["detail"] else ""
+    line = f"kernels:   decode attention by XLA ops ({reason})"
+    return line if len(line) <= 100 else line[:96] + "...)"
 
 
 def describe_params(cfg: Config, mesh) -> list[dict[str, Any]]:
@@ -148,6 +169,7 @@ def render_text(info: dict[str, Any]) -> str:
         f"config:    {info['config']}",
         f"versions:  jax {info['versions']['jax']}, flax {info['versions']['flax']}",
         f"backend:   {info['backend']}",
+        _kernels_line(info["cpu_kernels"]),
         f"devices:   {dev['count']} ({kinds})",
         f"local:     {local_text}",
         f"process:   {dev['process_index']} of {dev['process_count']}",

@@ -1,0 +1,163 @@
+"""Native CPU kernels behind XLA custom calls (`jax.ffi`), compiled on first use.
+
+Decoding one token on XLA:CPU, a small model's step is dominated by the number of
+operations, not by their arithmetic: paged attention alone is some fifty small ops per
+layer. `kernels/paged_attention.cc` does one-token paged attention in one call per layer
+(see its header). It is used only where it applies (`decode_attention_kernel_applies`):
+lowering for CPU, float32, and every device computing on its own rows. Everywhere else,
+TPU and GPU included, `model/paged.py` lowers its XLA implementation, the kernel's
+reference in the tests.
+
+The source is compiled with the machine's C++ compiler (`$CXX`, else `c++`, `g++`) against
+the XLA FFI headers that ship with jaxlib, into `$PONDER_CACHE_DIR/kernels` (default
+`~/.cache/ponder/kernels`), once per source, compiler flags, jaxlib and CPU; a later process
+loads the cached library. When there is no compiler or the build fails, ponder warns once
+and keeps the XLA implementation. `PONDER_CPU_KERNELS=0` turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = Path(__file__).with_name("kernels") / "paged_attention.cc"
+TARGET = "ponder_paged_decode_attention"
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC")
+BUILD_TIMEOUT_S = 300
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelStatus:
+    """Whether the CPU kernels are registered with XLA, and where they came from or why not."""
+
+    available: bool
+    detail: str  # the library's path, or the reason they are off
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: $PONDER_CACHE_DIR/kernels, else ~/.cache/ponder/kernels."""
+    root = os.environ.get("PONDER_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ponder")
+    return Path(root) / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_identity() -> str:
+    """What `-march=native` depends on: the CPU's model and feature flags (Linux), else the platform."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    lines = [line for line in text.splitlines() if line.split(":")[0].strip() in ("model name", "flags", "Features")]
+    return "\n".join(dict.fromkeys(lines))
+
+
+def _build(compiler: str) -> Path:
+    """The compiled library for this source/flags/jaxlib/CPU, building it if the cache lacks it."""
+    import jaxlib
+
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
+                                     compiler.encode(), _cpu_identity().encode()])).hexdigest()[:16]
+    target = cache_dir() / f"{SOURCE.stem}-{key}.so"
+    if target.exists():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # an unwritable home: build into the temporary directory instead
+        target = Path(tempfile.gettempdir()) / f"ponder-kernels-{os.getuid()}" / target.name
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: processes building at once each get a whole file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        if result.returncode != 0:
+            raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{result.stderr[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target
+
+
+_registered: Path | None = None  # the library whose handler XLA holds (a target registers once per process)
+
+
+@functools.cache
+def status() -> KernelStatus:
+    """Builds (or loads from the cache) and registers the kernels once per process; never raises."""
+    global _registered
+    if os.environ.get("PONDER_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return KernelStatus(False, "turned off by PONDER_CPU_KERNELS")
+    if _registered is not None:
+        return KernelStatus(True, str(_registered))
+    compiler = _compiler()
+    if compiler is None:
+        return _unavailable("no C++ compiler found (set CXX, or install g++)")
+    try:
+        path = _build(compiler)
+        library = ctypes.cdll.LoadLibrary(str(path))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.PagedDecodeAttention), platform="cpu")
+    except Exception as err:  # a failed build must never stop a run: the XLA implementation remains
+        return _unavailable(f"{type(err).__name__}: {err}")
+    _registered = path
+    return KernelStatus(True, str(path))
+
+
+def _unavailable(reason: str) -> KernelStatus:
+    warnings.warn(f"ponder's CPU decode kernel is unavailable, using XLA's ops instead ({reason})", stacklevel=3)
+    return KernelStatus(False, reason)
+
+
+def decode_attention_kernel_applies(q, cache) -> bool:
+    """Whether `paged_decode_attention` may serve this attention when lowered for CPU.
+
+    One new token per row, float32 queries and pools, and no mesh axis of more than one
+    device left to XLA's partitioner (outside a mesh, or inside a `shard_map` that makes
+    every such axis manual): a custom call has no sharding rule, so XLA would gather the
+    whole page pool onto every device for it.
+    """
+    if q.shape[1] != 1 or q.dtype != jnp.float32 or cache.k.dtype != jnp.float32:
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and any(size > 1 and name not in mesh.manual_axes for name, size in mesh.shape.items()):
+        return False
+    return status().available
+
+
+def paged_decode_attention(q, cache, layer, page_table, lengths, num_new) -> jax.Array:
+    """`attend_paged` for one new token per row, by the native kernel; same arguments and result.
+
+    q: [B, 1, heads, head_dim] float32. Lower for CPU only (see `model.paged.attend_paged`).
+    """
+    head_dim = q.shape[-1]
+    # The query at slot `lengths` sees slots 0..lengths, and none when the row writes nothing.
+    limits = jnp.minimum(lengths + 1, lengths + num_new).astype(jnp.int32)
+    queries = q[:, 0]
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(queries.shape, jnp.float32), vmap_method="sequential")
+    out = call(queries, cache.k, cache.v, jnp.asarray(layer, jnp.int32), page_table.astype(jnp.int32), limits,
+               scale=np.float32(head_dim**-0.5))
+    return out[:, None]

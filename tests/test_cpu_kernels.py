@@ -1,0 +1,116 @@
+"""The native CPU decode-attention kernel: built, equal to XLA's attention, used only where it applies."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from model import cpu_kernels
+from model.paged import PagedKVCache, attend_paged, attend_paged_xla
+
+
+def _case(seed, *, layers=3, pages=32, page_size=4, kv_heads=2, heads=4, head_dim=16, rows=5, table_pages=5):
+    """Random pools and a page table whose rows own shuffled pages, row 1 sharing row 0's first two."""
+    rng = np.random.default_rng(seed)
+    shape = (layers, pages, page_size, kv_heads, head_dim)
+    cache = PagedKVCache(jnp.asarray(rng.standard_normal(shape), jnp.float32),
+                         jnp.asarray(rng.standard_normal(shape), jnp.float32))
+    table = rng.permutation(pages)[: rows * table_pages].reshape(rows, table_pages).astype(np.int32)
+    table[1, :2] = table[0, :2]
+    q = jnp.asarray(rng.standard_normal((rows, 1, heads, head_dim)), jnp.float32)
+    return q, cache, table
+
+
+def _lowered(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).as_text()
+
+
+def test_the_kernel_builds_and_serves_one_token_decode_on_cpu():
+    status = cpu_kernels.status()
+    assert status.available, f"the CPU kernel did not build or load: {status.detail}"
+    q, cache, table = _case(0)
+    lengths, one = jnp.full((5,), 7, jnp.int32), jnp.ones((5,), jnp.int32)
+    decode = _lowered(lambda q: attend_paged(q, cache, 1, table, lengths, one), q)
+    assert cpu_kernels.TARGET in decode
+    prefill_q = jnp.repeat(q, 3, axis=1)
+    prefill = _lowered(lambda q: attend_paged(q, cache, 1, table, lengths, 3 * one), prefill_q)
+    assert cpu_kernels.TARGET not in prefill  # several new tokens per row: XLA's matmuls
+
+
+@pytest.mark.parametrize("shape", [
+    {},  # grouped queries: 4 heads over 2 kv heads
+    {"kv_heads": 2, "heads": 2, "head_dim": 64, "page_size": 16, "pages": 12, "table_pages": 2},
+    {"kv_heads": 1, "heads": 3, "head_dim": 8, "page_size": 2, "pages": 64, "table_pages": 12},
+])
+def test_the_kernel_equals_xla_attention(shape):
+    """Rows at every fill: empty, mid-table on shared pages, 3 slots then -1 pages, a full table."""
+    q, cache, table = _case(1, **shape)
+    rows, capacity = table.shape[0], table.shape[1] * cache.page_size
+    lengths = np.array([0, capacity // 2, 3, capacity - 1, capacity - 2], np.int32)[:rows]
+    num_new = np.array([0, 1, 0, 1, 1], np.int32)[:rows]
+    table[2, 1:] = -1  # row 2 holds 3 slots: its later pages are unassigned
+    for layer in range(cache.k.shape[0]):
+        args = (q, cache, layer, jnp.asarray(table), jnp.asarray(lengths), jnp.asarray(num_new))
+        got = np.asarray(jax.jit(attend_paged, static_argnums=2)(*args))
+        want = np.asarray(jax.jit(attend_paged_xla, static_argnums=2)(*args))
+        assert np.abs(got - want).max() <= 1e-5, (layer, np.abs(got - want).max(axis=(1, 2, 3)))
+    assert np.all(got[0] == 0)  # an empty row that writes nothing sees no slot
+    assert np.abs(got[1:]).max() > 0
+
+
+def test_meshes_with_axes_left_to_xla_keep_the_xla_attention():
+    """A custom call has no sharding rule: under auto axes XLA would gather the pool to every device."""
+    q, cache, table = _case(2, rows=8, pages=48)
+    lengths, one = jnp.full((8,), 9, jnp.int32), jnp.ones((8,), jnp.int32)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+    def attend(q, table, lengths, one):
+        return attend_paged(q, cache, 0, table, lengths, one)
+
+    with jax.set_mesh(mesh):
+        auto = _lowered(attend, q, table, lengths, one)
+        per_row = jax.shard_map(attend, mesh=mesh, in_specs=P("data"), out_specs=P("data"), check_vma=False)
+        manual = _lowered(per_row, q, table, lengths, one)
+        got = np.asarray(jax.jit(per_row)(q, table, lengths, one))
+    assert cpu_kernels.TARGET not in auto
+    assert cpu_kernels.TARGET in manual  # each device on its own rows
+    want = np.asarray(jax.jit(attend_paged_xla, static_argnums=2)(q, cache, 0, table, lengths, one))
+    assert np.abs(got - want).max() <= 1e-5
+
+
+@pytest.fixture
+def fresh_status(monkeypatch, tmp_path):
+    """`status()` as in a new process, building into an empty cache; restored afterwards."""
+    monkeypatch.setenv("PONDER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_registered", None)
+    cpu_kernels.status.cache_clear()
+    yield tmp_path
+    cpu_kernels.status.cache_clear()
+
+
+def test_a_failed_build_warns_and_leaves_the_xla_attention(fresh_status, monkeypatch):
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
+    with pytest.warns(UserWarning, match="using XLA's ops instead"):
+        status = cpu_kernels.status()
+    assert not status.available and "failed" in status.detail
+    assert not list(fresh_status.rglob("*.so"))  # no half-written library is left to be loaded later
+    q, cache, table = _case(3)
+    lowered = _lowered(lambda q: attend_paged(q, cache, 0, table, jnp.full((5,), 4), jnp.ones((5,), jnp.int32)), q)
+    assert cpu_kernels.TARGET not in lowered
+
+
+def test_the_kernels_can_be_turned_off(fresh_status, monkeypatch):
+    monkeypatch.setenv("PONDER_CPU_KERNELS", "0")
+    status = cpu_kernels.status()
+    assert not status.available and "PONDER_CPU_KERNELS" in status.detail
+
+
+def test_a_build_is_cached_per_source_and_machine(fresh_status):
+    compiler = cpu_kernels._compiler()
+    assert compiler, "no C++ compiler on this machine"
+    first = cpu_kernels._build(compiler)
+    assert first.parent == fresh_status / "kernels" and first.stat().st_size > 0
+    built_at = first.stat().st_mtime_ns
+    assert cpu_kernels._build(compiler) == first and first.stat().st_mtime_ns == built_at  # not rebuilt
+    assert [p.name for p in (fresh_status / "kernels").iterdir()] == [first.name]  # no temporary files left
