@@ -1,12 +1,11 @@
 """Native CPU kernels behind XLA custom calls (`jax.ffi`), compiled on first use.
 
-Decoding one token on XLA:CPU, a small model's step is dominated by the number of
-operations, not by their arithmetic: paged attention alone is some fifty small ops per
-layer. `kernels/paged_attention.cc` does one-token paged attention in one call per layer
-(see its header). It is used only where it applies (`decode_attention_kernel_applies`):
-lowering for CPU, float32, and every device computing on its own rows. Everywhere else,
-TPU and GPU included, `model/paged.py` lowers its XLA implementation, the kernel's
-reference in the tests.
+XLA:CPU runs one-token paged attention as some fifty small ops per layer, a third of a
+decode step of the `small` model though it does a tenth of the step's arithmetic.
+`kernels/paged_attention.cc` does it in one call per layer (see its header). It is used
+only where it applies (`decode_attention_kernel_applies`): lowering for CPU, float32, and
+every device computing on its own rows. Everywhere else, TPU and GPU included,
+`model/paged.py` lowers its XLA implementation, the kernel's reference in the tests.
 
 The source is compiled with the machine's C++ compiler (`$CXX`, else `c++`, `g++`) against
 the XLA FFI headers that ship with jaxlib, into `$PONDER_CACHE_DIR/kernels` (default
@@ -135,12 +134,14 @@ def _unavailable(reason: str) -> KernelStatus:
 def decode_attention_kernel_applies(q, cache) -> bool:
     """Whether `paged_decode_attention` may serve this attention when lowered for CPU.
 
-    One new token per row, float32 queries and pools, and no mesh axis of more than one
-    device left to XLA's partitioner (outside a mesh, or inside a `shard_map` that makes
-    every such axis manual): a custom call has no sharding rule, so XLA would gather the
-    whole page pool onto every device for it.
+    One new token per row, float32 queries and pools, CPU as JAX's default backend, and no
+    mesh axis of more than one device left to XLA's partitioner (outside a mesh, or inside
+    a `shard_map` that makes every such axis manual): a custom call has no sharding rule,
+    so XLA would gather the whole page pool onto every device for it.
     """
     if q.shape[1] != 1 or q.dtype != jnp.float32 or cache.k.dtype != jnp.float32:
+        return False
+    if jax.default_backend() != "cpu":  # an accelerator host lowers for its accelerator: build nothing there
         return False
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and any(size > 1 and name not in mesh.manual_axes for name, size in mesh.shape.items()):
