@@ -57,7 +57,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "KV cache (compile excluded) against `LlamaForCausalLM.generate` with its KV cache on CPU "
         "(torch threads: this machine's cores unless --torch-threads); the best of REPEATS runs "
         "after a warm-up run each. Prints tokens/s of both, their ratio and how many leading "
-        "greedy tokens agree. With no section flag, every section runs.",
+        "greedy tokens agree, and whether ponder's attention ran its native CPU kernel "
+        "(PONDER_CPU_KERNELS=0 measures XLA's ops instead). With no section flag, every section runs.",
     )
     add_config_arguments(search)
     search.set_defaults(config="small")
