@@ -95,6 +95,7 @@ def _build(compiler: str) -> Path:
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if result.returncode != 0:
             raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{result.stderr[-2000:]}")
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep others sharing the cache from loading it
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

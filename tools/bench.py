@@ -227,6 +227,7 @@ def bench_decode_vs_hf(args: argparse.Namespace) -> dict[str, float]:
     from flax import nnx
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from model import cpu_kernels
     from model.hf import config_to_hf, from_hf_state_dict, load_params
     from model.transformer import create_model
     from search.sampler import Sampling
@@ -279,7 +280,7 @@ def bench_decode_vs_hf(args: argparse.Namespace) -> dict[str, float]:
     print(f"decode vs HuggingFace: {params_count / 1e6:.1f}M-param Llama ({model_cfg.num_layers} layers, "
           f"width {model_cfg.embed_dim}), float32, {jax.devices()[0].platform.upper()}, greedy, batch {rows}, "
           f"prompt {prompt_len} + {new_tokens} new tokens, best of {args.repeats}")
-    kernel = "native CPU attention kernel" if "custom_call_target=\"ponder_" in compiled.as_text() else "XLA attention"
+    kernel = "native CPU attention kernel" if cpu_kernels.TARGET in compiled.as_text() else "XLA attention"
     print(f"  ponder generate (jit, paged KV): {ours_rate:>9,.0f} tokens/s  ({ours_seconds:.3f} s; "
           f"compiled in {compile_seconds:.1f} s; {kernel})")
     print(f"  HF LlamaForCausalLM.generate:    {hf_rate:>9,.0f} tokens/s  ({hf_seconds:.3f} s; "
