@@ -20,6 +20,7 @@ import ctypes
 import dataclasses
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -32,8 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = Path(__file__).with_name("kernels") / "paged_attention.cc"
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = (KERNELS / "paged_attention.cc", KERNELS / "small_matmul.cc")
 TARGET = "ponder_paged_decode_attention"
+MATMUL_TARGET = "ponder_small_matmul"
+MATMUL_MAX_ROWS, MATMUL_COLUMN_MULTIPLE = 8, 16
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 300
 
@@ -74,10 +78,10 @@ def _build(compiler: str) -> Path:
     """The compiled library for this source/flags/jaxlib/CPU, building it if the cache lacks it."""
     import jaxlib
 
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
+    sources = [path.read_bytes() for path in SOURCES]
+    key = hashlib.sha256(b"\0".join([*sources, " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
                                      compiler.encode(), _cpu_identity().encode()])).hexdigest()[:16]
-    target = cache_dir() / f"{SOURCE.stem}-{key}.so"
+    target = cache_dir() / f"ponder_cpu_kernels-{key}.so"
     if target.exists():
         return target
     try:
@@ -91,7 +95,7 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if result.returncode != 0:
             raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{result.stderr[-2000:]}")
@@ -121,6 +125,7 @@ def status() -> KernelStatus:
         path = _build(compiler)
         library = ctypes.cdll.LoadLibrary(str(path))
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.PagedDecodeAttention), platform="cpu")
+        jax.ffi.register_ffi_target(MATMUL_TARGET, jax.ffi.pycapsule(library.SmallMatmul), platform="cpu")
     except Exception as err:  # a failed build must never stop a run: the XLA implementation remains
         return _unavailable(f"{type(err).__name__}: {err}")
     _registered = path
@@ -142,6 +147,11 @@ def decode_attention_kernel_applies(q, cache) -> bool:
     """
     if q.shape[1] != 1 or q.dtype != jnp.float32 or cache.k.dtype != jnp.float32:
         return False
+    return _may_run_here()
+
+
+def _may_run_here() -> bool:
+    """CPU is JAX's default backend, every mesh axis of more than one device is manual, and the kernels built."""
     if jax.default_backend() != "cpu":  # an accelerator host lowers for its accelerator: build nothing there
         return False
     mesh = jax.sharding.get_abstract_mesh()
@@ -163,3 +173,25 @@ def paged_decode_attention(q, cache, layer, page_table, lengths, num_new) -> jax
     out = call(queries, cache.k, cache.v, jnp.asarray(layer, jnp.int32), page_table.astype(jnp.int32), limits,
                scale=np.float32(head_dim**-0.5))
     return out[:, None]
+
+
+def decode_matmul(x, w) -> jax.Array:
+    """x @ w for a decode step's weights, by the native small-batch kernel where it applies.
+
+    x: [..., K] with at most 8 rows in all, w: [K, N] with N a multiple of 16, both float32,
+    under the conditions of `decode_attention_kernel_applies`; anything else is XLA's dot.
+    Not differentiable: for the decode path (`Block.paged` with `sliced_layers`) only.
+    """
+    rows = math.prod(x.shape[:-1])
+    if (rows > MATMUL_MAX_ROWS or w.ndim != 2 or w.shape[1] % MATMUL_COLUMN_MULTIPLE
+            or x.dtype != jnp.float32 or w.dtype != jnp.float32 or not _may_run_here()):
+        return x @ w
+    flat = x.reshape(rows, x.shape[-1])
+    out = jax.lax.platform_dependent(flat, w, cpu=_small_matmul, default=jnp.matmul)
+    return out.reshape(*x.shape[:-1], w.shape[1])
+
+
+def _small_matmul(x, w):
+    call = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32),
+                            vmap_method="sequential")
+    return call(x, w)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs.schema import ModelConfig
+from model.cpu_kernels import decode_matmul
 from model.paged import PagedKVCache, attend_paged, write_pages
 from model.sharding import Rules, constrain
 
@@ -81,7 +82,7 @@ class Attention(nnx.Module):
             v = jnp.einsum("bte,ekd->btkd", x, self.wv[...].astype(dt))
         else:  # one matmul instead of three
             (n, d), kv = self.wq.shape[1:], self.wk.shape[1]
-            qkv = (x @ fused.astype(dt)).reshape(*x.shape[:2], n + 2 * kv, d)
+            qkv = decode_matmul(x, fused.astype(dt)).reshape(*x.shape[:2], n + 2 * kv, d)
             q, k, v = qkv[:, :, :n], qkv[:, :, n : n + kv], qkv[:, :, n + kv :]
         return rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta), v
 
@@ -93,7 +94,7 @@ class Attention(nnx.Module):
         if flat is None:
             return jnp.einsum("btnd,nde->bte", attended, self.wo[...].astype(attended.dtype))
         # heads and head_dim as one contracting axis: XLA need not lay out (or copy) wo anew
-        return attended.reshape(*attended.shape[:2], -1) @ flat.astype(attended.dtype)
+        return decode_matmul(attended.reshape(*attended.shape[:2], -1), flat.astype(attended.dtype))
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         """Causal self-attention over a whole sequence; packed segments do not see each other.
@@ -136,8 +137,9 @@ class MLP(nnx.Module):
         dt = x.dtype
         if fused_gate_up is None:
             gate, up = x @ self.w_gate[...].astype(dt), x @ self.w_up[...].astype(dt)
-        else:  # one matmul instead of two
-            gate, up = jnp.split(x @ fused_gate_up.astype(dt), 2, axis=-1)
+        else:  # one matmul instead of two; the decode path (see `sliced_layers`)
+            gate, up = jnp.split(decode_matmul(x, fused_gate_up.astype(dt)), 2, axis=-1)
+            return decode_matmul(jax.nn.silu(gate) * up, self.w_down[...].astype(dt))
         return (jax.nn.silu(gate) * up) @ self.w_down[...].astype(dt)
 
 
@@ -222,7 +224,8 @@ class Transformer(nnx.Module):
         make a token's q/k/v one matmul and its gate/up one more: a decode step's matmuls are
         small, and on CPU each costs about as much to launch as to run. The flat output
         projection spares a copy of wo per token: XLA:CPU transposed the [heads, head_dim, E]
-        weight on every step to contract both axes.
+        weight on every step to contract both axes. With these matrices a step of at most 8
+        rows runs its matmuls by `cpu_kernels.decode_matmul` (one pass over each weight).
         """
         graphdef, stacked = nnx.split(self.blocks)
         layers = []

@@ -114,3 +114,29 @@ def test_a_build_is_cached_per_source_and_machine(fresh_status):
     built_at = first.stat().st_mtime_ns
     assert cpu_kernels._build(compiler) == first and first.stat().st_mtime_ns == built_at  # not rebuilt
     assert [p.name for p in (fresh_status / "kernels").iterdir()] == [first.name]  # no temporary files left
+
+
+@pytest.mark.parametrize("rows, k, n", [(8, 256, 1536), (3, 7, 16), (1, 64, 48)])
+def test_the_small_matmul_kernel_equals_a_float64_matmul(rows, k, n):
+    rng = np.random.default_rng(rows + k + n)
+    x = rng.standard_normal((rows, 1, k)).astype(np.float32)  # [B, T=1, K] as in a decode step
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    fn = jax.jit(cpu_kernels.decode_matmul)
+    assert cpu_kernels.MATMUL_TARGET in fn.lower(x, w).as_text()
+    got = np.asarray(fn(x, w))
+    want = (x.astype(np.float64) @ w.astype(np.float64))
+    assert got.shape == (rows, 1, n)
+    assert np.abs(got - want).max() <= 2e-6 * k ** 0.5 * np.abs(want).max(), np.abs(got - want).max()
+
+
+@pytest.mark.parametrize("rows, n", [(9, 16), (8, 20)])
+def test_matmuls_the_kernel_does_not_cover_stay_with_xla(rows, n):
+    """More than 8 rows (prefill, a wide search batch) or a width not a multiple of 16."""
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal((rows, 32)).astype(np.float32), rng.standard_normal((32, n)).astype(np.float32)
+    fn = jax.jit(cpu_kernels.decode_matmul)
+    assert cpu_kernels.MATMUL_TARGET not in fn.lower(x, w).as_text()
+    np.testing.assert_allclose(np.asarray(fn(x, w)), x @ w, rtol=1e-5, atol=1e-5)
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):  # a mesh axis left to XLA's partitioner: XLA's dot, as for attention
+        assert cpu_kernels.MATMUL_TARGET not in fn.lower(x[:8, :], w[:, :16]).as_text()

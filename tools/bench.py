@@ -57,7 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "KV cache (compile excluded) against `LlamaForCausalLM.generate` with its KV cache on CPU "
         "(torch threads: this machine's cores unless --torch-threads); the best of REPEATS runs "
         "after a warm-up run each. Prints tokens/s of both, their ratio and how many leading "
-        "greedy tokens agree, and whether ponder's attention ran its native CPU kernel "
+        "greedy tokens agree, and whether ponder's attention and matmuls ran its native CPU kernels "
         "(PONDER_CPU_KERNELS=0 measures XLA's ops instead). With no section flag, every section runs.",
     )
     add_config_arguments(search)
@@ -280,7 +280,9 @@ def bench_decode_vs_hf(args: argparse.Namespace) -> dict[str, float]:
     print(f"decode vs HuggingFace: {params_count / 1e6:.1f}M-param Llama ({model_cfg.num_layers} layers, "
           f"width {model_cfg.embed_dim}), float32, {jax.devices()[0].platform.upper()}, greedy, batch {rows}, "
           f"prompt {prompt_len} + {new_tokens} new tokens, best of {args.repeats}")
-    kernel = "native CPU attention kernel" if cpu_kernels.TARGET in compiled.as_text() else "XLA attention"
+    hlo = compiled.as_text()
+    kernel = ", ".join(f"{name} by {'native CPU kernel' if target in hlo else 'XLA'}" for name, target in
+                       (("attention", cpu_kernels.TARGET), ("matmuls", cpu_kernels.MATMUL_TARGET)))
     print(f"  ponder generate (jit, paged KV): {ours_rate:>9,.0f} tokens/s  ({ours_seconds:.3f} s; "
           f"compiled in {compile_seconds:.1f} s; {kernel})")
     print(f"  HF LlamaForCausalLM.generate:    {hf_rate:>9,.0f} tokens/s  ({hf_seconds:.3f} s; "

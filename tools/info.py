@@ -90,7 +90,7 @@ def describe(cfg: Config) -> dict[str, Any]:
 
 
 def cpu_kernels_info(backend: str) -> dict[str, Any]:
-    """Whether one-token decode attention runs ponder's native kernel (CPU only; see model/cpu_kernels.py)."""
+    """Whether decode attention and matmuls run ponder's native kernels (CPU only; see model/cpu_kernels.py)."""
     if backend != "cpu":
         return {"available": False, "detail": f"not used on {backend}: XLA lowers paged attention there"}
     from model import cpu_kernels
@@ -102,9 +102,9 @@ def cpu_kernels_info(backend: str) -> dict[str, Any]:
 def _kernels_line(kernels: dict[str, Any]) -> str:
     """One line under 100 columns: the library's file name, or the first line of why there is none."""
     if kernels["available"]:
-        return f"kernels:   decode attention by ponder's native CPU kernel ({Path(kernels['detail']).name})"
+        return f"kernels:   decode attention and matmuls: native CPU kernels ({Path(kernels['detail']).name})"
     reason = kernels["detail"].splitlines()[0] if kernels["detail"] else ""
-    line = f"kernels:   decode attention by XLA ops ({reason})"
+    line = f"kernels:   decode attention and matmuls: XLA ops ({reason})"
     return line if len(line) <= 100 else line[:96] + "...)"
 
 

@@ -12,7 +12,8 @@
 // head h / (H / K). A row that sees no slot gets
 // zeros. Page ids are clamped into the pool, so a bad table cannot read outside it.
 //
-// Built by model/cpu_kernels.py on first use (c++ -O3 -march=native), cached per machine.
+// Built by model/cpu_kernels.py with small_matmul.cc into one library on first use
+// (c++ -O3 -march=native), cached per machine.
 
 #include <algorithm>
 #include <atomic>
