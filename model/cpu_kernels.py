@@ -1,18 +1,23 @@
 """Native CPU kernels behind XLA custom calls (`jax.ffi`), compiled on first use.
 
-XLA:CPU runs one-token paged attention as some fifty small ops per layer, a third of a
-decode step of the `small` model though it does a tenth of the step's arithmetic.
-`kernels/paged_attention.cc` does it in one call per layer (see its header). It is used
-only where it applies (`decode_attention_kernel_applies`): lowering for CPU, float32, and
-every device computing on its own rows. Everywhere else, TPU and GPU included,
-`model/paged.py` lowers its XLA implementation, the kernel's reference in the tests.
+Two kernels serve a decode step (`kernels/`, see each file's header):
+- `paged_attention.cc`: one-token paged attention, one call per layer. XLA:CPU runs it as
+  some fifty small ops per layer, a third of a decode step of the `small` model though it
+  does a tenth of the step's arithmetic.
+- `small_matmul.cc`: x @ w for at most 8 rows, reading each weight once. XLA's Eigen GEMM
+  packs the weight matrix first, and a decode step of a small model is mostly a pass over
+  its weights.
+They are used only where they apply (`decode_attention_kernel_applies`, `decode_matmul`):
+lowering for CPU, float32, and every device computing on its own rows. Everywhere else,
+TPU and GPU included, XLA's ops run (`model/paged.py: attend_paged_xla`, a plain dot),
+the kernels' references in the tests.
 
-The source is compiled with the machine's C++ compiler (`$CXX`, else `c++`, `g++`) against
-the XLA FFI headers that ship with jaxlib, into `$PONDER_CACHE_DIR/kernels` (default
-`~/.cache/ponder/kernels`), once per source, compiler flags, jaxlib and CPU; a later process
-loads the cached library. When there is no compiler or the build fails, ponder warns once
-and keeps the XLA implementation. `PONDER_CPU_KERNELS=0` turns the kernels off.
-"""
+The sources are compiled into one library with the machine's C++ compiler (`$CXX`, else
+`c++`, `g++`) against the XLA FFI headers that ship with jaxlib, into
+`$PONDER_CACHE_DIR/kernels` (default `~/.cache/ponder/kernels`), once per source, compiler
+flags, jaxlib and CPU; a later process loads the cached library. When there is no compiler
+or the build fails, ponder warns once and keeps XLA's ops. `PONDER_CPU_KERNELS=0` turns the
+kernels off."""
 
 from __future__ import annotations
 
@@ -133,7 +138,7 @@ def status() -> KernelStatus:
 
 
 def _unavailable(reason: str) -> KernelStatus:
-    warnings.warn(f"ponder's CPU decode kernel is unavailable, using XLA's ops instead ({reason})", stacklevel=3)
+    warnings.warn(f"ponder's CPU decode kernels are unavailable, using XLA's ops instead ({reason})", stacklevel=3)
     return KernelStatus(False, reason)
 
 
