@@ -80,7 +80,7 @@ def _cpu_identity() -> str:
 
 
 def _build(compiler: str) -> Path:
-    """The compiled library for this source/flags/jaxlib/CPU, building it if the cache lacks it."""
+    """The library of SOURCES for these flags, jaxlib and CPU, built if the cache lacks it."""
     import jaxlib
 
     sources = [path.read_bytes() for path in SOURCES]
