@@ -38,30 +38,37 @@ struct Problem {
   float* out;
 };
 
+// Calls fn(t, vector) for slots t = 0..n-1 of row b, kv head kh, in `pool` (keys or values),
+// page by page: within a page consecutive slots are K * D floats apart.
+template <typename Fn>
+void ForEachSlot(const Problem& p, const float* pool, int64_t b, int64_t kh, int64_t n, Fn fn) {
+  const int32_t* row = p.table + b * p.NP;
+  const int64_t S = p.S, slot_stride = p.K * p.D;
+  for (int64_t start = 0; start < n; start += S) {
+    const int64_t page = std::clamp<int64_t>(row[start / S], 0, p.P - 1);
+    const float* slot = pool + ((p.layer * p.P + page) * S * p.K + kh) * p.D;
+    const int64_t end = std::min(n, start + S);
+    for (int64_t t = start; t < end; ++t, slot += slot_stride) fn(t, slot);
+  }
+}
+
 void AttendOne(const Problem& p, int64_t item, std::vector<float>& scores) {
-  const int64_t b = item / p.K, kh = item % p.K, G = p.G, D = p.D, S = p.S;
-  const int64_t n = std::clamp<int64_t>(p.limits[b], 0, p.NP * S);
+  const int64_t b = item / p.K, kh = item % p.K, G = p.G, D = p.D;
+  const int64_t n = std::clamp<int64_t>(p.limits[b], 0, p.NP * p.S);
   const float* qh = p.q + (b * p.H + kh * G) * D;
   float* oh = p.out + (b * p.H + kh * G) * D;
   std::fill(oh, oh + G * D, 0.0f);
   if (n == 0) return;
   scores.resize(G * n);
-  const int32_t* row = p.table + b * p.NP;
-  const int64_t slot_stride = p.K * D;
-  for (int64_t start = 0; start < n; start += S) {
-    const int64_t page = std::clamp<int64_t>(row[start / S], 0, p.P - 1);
-    const float* key = p.k + ((p.layer * p.P + page) * S * p.K + kh) * D;
-    const int64_t end = std::min(n, start + S);
-    for (int64_t t = start; t < end; ++t, key += slot_stride) {
-      for (int64_t g = 0; g < G; ++g) {
-        const float* qg = qh + g * D;
-        float s = 0.0f;
+  ForEachSlot(p, p.k, b, kh, n, [&](int64_t t, const float* key) {
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = qh + g * D;
+      float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-        for (int64_t d = 0; d < D; ++d) s += qg[d] * key[d];
-        scores[g * n + t] = s * p.scale;
-      }
+      for (int64_t d = 0; d < D; ++d) s += qg[d] * key[d];
+      scores[g * n + t] = s * p.scale;
     }
-  }
+  });
   for (int64_t g = 0; g < G; ++g) {
     float* sg = scores.data() + g * n;
     float m = -std::numeric_limits<float>::infinity();
@@ -75,19 +82,14 @@ void AttendOne(const Problem& p, int64_t item, std::vector<float>& scores) {
     const float inv = 1.0f / sum;
     for (int64_t t = 0; t < n; ++t) sg[t] *= inv;
   }
-  for (int64_t start = 0; start < n; start += S) {
-    const int64_t page = std::clamp<int64_t>(row[start / S], 0, p.P - 1);
-    const float* val = p.v + ((p.layer * p.P + page) * S * p.K + kh) * D;
-    const int64_t end = std::min(n, start + S);
-    for (int64_t t = start; t < end; ++t, val += slot_stride) {
-      for (int64_t g = 0; g < G; ++g) {
-        const float w = scores[g * n + t];
-        float* og = oh + g * D;
+  ForEachSlot(p, p.v, b, kh, n, [&](int64_t t, const float* val) {
+    for (int64_t g = 0; g < G; ++g) {
+      const float w = scores[g * n + t];
+      float* og = oh + g * D;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) og[d] += w * val[d];
-      }
+      for (int64_t d = 0; d < D; ++d) og[d] += w * val[d];
     }
-  }
+  });
 }
 
 struct Shared {
