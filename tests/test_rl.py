@@ -26,9 +26,10 @@ from search.sampler import Sampling
 from train.checkpoint import load_params
 from train.data import get_vocabulary
 from train.rl import RLError, check_policy, train_rl, with_policy
+from train.rl_learner import Learner
 from train.rl_loss import LossSettings, aggregate, clipped_surrogate, group_advantages, kl_penalty, policy_loss_sums
 from train.rl_rollout import PromptStream, RolloutWorker, reason_category, row_keys, score_rollouts, sequences
-from train.state import state_layout
+from train.state import init_state, state_layout
 
 CONFIG = "configs/experiments/rl_tiny.yaml"
 
@@ -127,6 +128,45 @@ def test_prompt_stream_is_deterministic_and_resumes(tmp_path):
     batch = sequences(vocab, ["ab\n"], [np.array([10, 11, 1])], 8)
     assert batch["tokens"][0].tolist() == [0, 100, 101, 13, 10, 11, 1, 0]  # BOS, prompt bytes + 3, completion
     assert batch["loss_mask"][0].tolist() == [0, 0, 0, 1, 1, 1, 0, 0]  # predicting the completion (EOS included)
+
+
+def test_learner_trims_a_batch_to_its_longest_row_without_changing_the_update(tmp_path):
+    """The learner's batches are as wide as their longest row, in buckets of 16: the log-probs and the
+    optimizer step on the trimmed batch equal those on the batch padded to the config's full width."""
+    cfg = rl_config(tmp_path / "policy", tmp_path, "rl.max_prompt_len=32", "rl.max_new_tokens=48",
+                    "optimizer.learning_rate=0.01", "optimizer.warmup_steps=0")
+    mesh = one_device_mesh(cfg)
+    learner = Learner(cfg, mesh)
+    assert learner.width == 80
+    assert [learner.batch_width(n) for n in (1, 16, 17, 40, 79, 500)] == [16, 16, 32, 48, 80, 80]
+    vocab = get_vocabulary("byte")
+    rng = np.random.default_rng(0)
+    completions = [rng.integers(3, 200, size=n) for n in (5, 19, 12, 1)]
+    full = sequences(vocab, ["Compute: 1 + 2\n", "Compute: 3 * 4 - 5\n", "ab\n", "x\n"], completions, learner.width)
+    used = int(np.flatnonzero(full["loss_mask"].any(axis=0))[-1]) + 1  # as train.rl cuts a batch
+    width = learner.batch_width(used)
+    assert used == 1 + 19 + 19 - 1 and width == 48 and not full["loss_mask"][:, width:].any()
+    rows = {"advantages": np.array([1.0, -1.0, 0.5, -0.5], np.float32), "weights": np.ones(4, np.float32)}
+    states, results = [], []
+    for columns in (learner.width, width):
+        batch = {name: value[:, :columns] for name, value in full.items()} | rows
+        state = init_state(cfg, learner.layout, mesh)
+        logp = np.asarray(learner.logprobs(state["params"], learner.put({k: batch[k] for k in ("tokens", "targets")})))
+        assert logp.shape == (4, columns)
+        batch |= {"old_logprobs": logp - 0.05, "ref_logprobs": logp + 0.1}
+        state, metrics = learner.step(state, learner.put(batch))
+        results.append((logp, jax.device_get(metrics)))
+        states.append(state)
+    (logp_full, metrics_full), (logp_trim, metrics_trim) = results
+    np.testing.assert_allclose(logp_trim, logp_full[:, :width], atol=1e-5)  # float32, other matmul shapes
+    for key in ("loss", "grad_norm", "kl", "clip_fraction", "entropy", "trained_tokens"):
+        np.testing.assert_allclose(metrics_trim[key], metrics_full[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    assert metrics_full["trained_tokens"] == 19 + 12 + 5 + 1 and metrics_full["grad_norm"] > 0
+    # the same update: Adam's first step is ~lr * sign(grad), so compare what the new params predict
+    tokens = learner.put({k: full[k][:, :width] for k in ("tokens", "targets")})
+    after = [np.asarray(learner.logprobs(state["params"], tokens)) * full["loss_mask"][:, :width] for state in states]
+    np.testing.assert_allclose(after[1], after[0], atol=1e-4)
+    assert np.abs(after[0] - logp_full[:, :width] * full["loss_mask"][:, :width]).max() > 1e-2  # the step moved them
 
 
 # -- on the mesh, with the trained tiny policy --

@@ -281,6 +281,12 @@ def _rl_step(cfg: Config, state, reference, stream: PromptStream, worker: Rollou
     extra: dict = {}
     if trainable:
         batch = sequences(worker.vocab, prompts, completions, learner.width)
+        # columns up to the last with a loss, in buckets: the learner's work follows the text, not the limits
+        # (the positions cut hold padding or a row's last token, whose prediction nothing trains; attention
+        # is causal, so what the kept positions see is unchanged)
+        used = np.flatnonzero(batch["loss_mask"].any(axis=0))
+        width = learner.batch_width(int(used[-1]) + 1 if used.size else 1)
+        batch = {name: column[:, :width] for name, column in batch.items()}
         batch |= {"advantages": advantages.astype(np.float32), "weights": weights}
         device_batch = learner.put({k: batch[k] for k in ("tokens", "targets")})
         old = np.asarray(jax.device_get(learner.logprobs(state["params"], device_batch)))

@@ -1,13 +1,19 @@
 """The RL learner: the policy's train state on the mesh and its two jitted functions.
 
     learner = Learner(cfg, mesh)
+    width = learner.batch_width(longest)          # columns of a batch whose longest row has `longest` tokens
     logp = learner.logprobs(params, batch)        # [R, W] log p(target) under params (old policy, reference)
     state, metrics = learner.step(state, batch)   # one optimizer step on a minibatch (donates the state)
 
 Both are compiled ahead of time with explicit in/out shardings, like the SFT trainer's step:
 params and optimizer state in the training layout (`state_layout`), batches split over the
-batch axes. The step sums gradients over `rl.microbatches` slices and divides by the summed
-loss denominator, so the split never changes the update.
+batch axes. A batch is only as wide as its longest row needs, from a few widths: the full
+one (rl.max_prompt_len + rl.max_new_tokens), its half, quarter, ... (multiples of
+WIDTH_BUCKET), since prompts and completions are mostly far shorter than their limits. Each
+function compiles once per (rows, width) it meets, so a long row costs one more compile
+the first time a batch has one. The step sums
+gradients over `rl.microbatches` slices and divides by the summed loss denominator, so the
+split never changes the update.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from train.state import StateLayout, state_layout
 TOKEN_FEATURES = ("tokens", "targets")  # int32 [B, W]
 FLOAT_FEATURES = ("loss_mask", "old_logprobs", "ref_logprobs")  # float32 [B, W]
 ROW_FEATURES = ("advantages", "weights")  # float32 [B]
+WIDTH_BUCKET = 16  # batch widths are the full width or halvings of it rounded up to a multiple of this
 
 
 def optimizer_steps(cfg: Config) -> int:
@@ -67,28 +74,36 @@ class Learner:
         self._logprobs: dict = {}
         self._steps: dict = {}
 
-    def batch_shardings(self, rows: int, names) -> dict:
-        shard_2d = batch_sharding(self.mesh, self.rules, (rows, self.width))
+    def batch_width(self, longest: int) -> int:
+        """Columns of a batch whose longest row has `longest` tokens: the narrowest width of the
+        full width, half of it, a quarter, ... (each rounded up to a multiple of WIDTH_BUCKET) that holds it."""
+        width = self.width
+        while (half := -(-width // 2 // WIDTH_BUCKET) * WIDTH_BUCKET) < width and half >= longest:
+            width = half
+        return width
+
+    def batch_shardings(self, rows: int, width: int, names) -> dict:
+        shard_2d = batch_sharding(self.mesh, self.rules, (rows, width))
         shard_1d = batch_sharding(self.mesh, self.rules, (rows,))
         return {name: shard_1d if name in ROW_FEATURES else shard_2d for name in names}
 
     def put(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Host arrays -> global arrays split over the batch axes (single process)."""
-        rows = len(next(iter(batch.values())))
-        shardings = self.batch_shardings(rows, batch)
+        rows, width = batch["tokens"].shape
+        shardings = self.batch_shardings(rows, width, batch)
         return {name: jax.device_put(value, shardings[name]) for name, value in batch.items()}
 
-    def _abstract(self, rows: int, names) -> dict:
-        shardings = self.batch_shardings(rows, names)
+    def _abstract(self, rows: int, width: int, names) -> dict:
+        shardings = self.batch_shardings(rows, width, names)
         def shape(name):
-            return (rows,) if name in ROW_FEATURES else (rows, self.width)
+            return (rows,) if name in ROW_FEATURES else (rows, width)
         return {name: jax.ShapeDtypeStruct(shape(name), jnp.int32 if name in TOKEN_FEATURES else jnp.float32,
                                            sharding=shardings[name]) for name in names}
 
     def logprobs(self, params, batch: dict[str, jax.Array]) -> jax.Array:
         """log p(targets) [R, W] under `params` (in the training layout), in rl.microbatches slices."""
-        rows = batch["tokens"].shape[0]
-        if rows not in self._logprobs:
+        rows, width = key = batch["tokens"].shape
+        if key not in self._logprobs:
             graphdef, parts, rules = self.layout.graphdef, self.cfg.rl.microbatches, self.rules
 
             def logprobs(params, batch):
@@ -101,17 +116,17 @@ class Learner:
                 out = jax.lax.map(one, {name: _split(batch[name], parts, rules) for name in TOKEN_FEATURES})
                 return out.swapaxes(0, 1).reshape(rows, -1)
 
-            abstract = self._abstract(rows, TOKEN_FEATURES)
-            out_sharding = batch_sharding(self.mesh, self.rules, (rows, self.width))
+            abstract = self._abstract(rows, width, TOKEN_FEATURES)
+            out_sharding = batch_sharding(self.mesh, self.rules, (rows, width))
             start = time.perf_counter()
             with jax.set_mesh(self.mesh):
-                self._logprobs[rows] = jax.jit(
+                self._logprobs[key] = jax.jit(
                     logprobs, in_shardings=(self.layout.shardings["params"], _shardings(abstract)),
                     out_shardings=out_sharding,
                 ).lower(self.layout.abstract["params"], abstract).compile()
             self.compile_seconds += time.perf_counter() - start
         with jax.set_mesh(self.mesh):
-            return self._logprobs[rows](params, {name: batch[name] for name in TOKEN_FEATURES})
+            return self._logprobs[key](params, {name: batch[name] for name in TOKEN_FEATURES})
 
     def step(self, state, batch: dict[str, jax.Array]):
         """One optimizer step on a minibatch; returns (new state, metrics). Donates `state`.
@@ -119,20 +134,20 @@ class Learner:
         A step whose loss or gradient norm is not finite leaves params and optimizer state as
         they were (`finite` = 0 in the metrics).
         """
-        rows = batch["tokens"].shape[0]
-        if rows not in self._steps:
+        rows, width = key = batch["tokens"].shape
+        if key not in self._steps:
             names = TOKEN_FEATURES + FLOAT_FEATURES + ROW_FEATURES
-            abstract = self._abstract(rows, names)
+            abstract = self._abstract(rows, width, names)
             replicated = NamedSharding(self.mesh, PartitionSpec())
             start = time.perf_counter()
             with jax.set_mesh(self.mesh):
-                self._steps[rows] = jax.jit(
+                self._steps[key] = jax.jit(
                     self._make_step(), in_shardings=(self.layout.shardings, _shardings(abstract)),
                     out_shardings=(self.layout.shardings, replicated), donate_argnums=(0,),
                 ).lower(self.layout.abstract, abstract).compile()
             self.compile_seconds += time.perf_counter() - start
         with jax.set_mesh(self.mesh):
-            return self._steps[rows](state, batch)
+            return self._steps[key](state, batch)
 
     def _make_step(self):
         graphdef, optimizer, settings = self.layout.graphdef, self.layout.optimizer, self.settings
