@@ -4,8 +4,9 @@ Two kernels serve a decode step (`kernels/`, see each file's header):
 - `paged_attention.cc`: one-token paged attention, one call per layer. XLA:CPU runs it as
   some fifty small ops per layer, a third of a decode step of the `small` model though it
   does a tenth of the step's arithmetic.
-- `small_matmul.cc`: x @ w for at most 8 rows, reading each weight once. XLA's Eigen GEMM
-  packs the weight matrix first, and a decode step of a small model is mostly a pass over
+- `small_matmul.cc`: x @ w for at most 8 rows, reading each weight once, from a copy laid
+  out strip by strip that a decode loop makes once (`decode_weight`). XLA's Eigen GEMM packs
+  the weight matrix on every call, and a decode step of a small model is mostly a pass over
   its weights.
 They are used only where they apply (`decode_attention_kernel_applies`, `decode_matmul`):
 lowering for CPU, float32, and every device computing on its own rows. Everywhere else,
@@ -180,23 +181,62 @@ def paged_decode_attention(q, cache, layer, page_table, lengths, num_new) -> jax
     return out[:, None]
 
 
-def decode_matmul(x, w) -> jax.Array:
-    """x @ w for a decode step's weights, by the native small-batch kernel where it applies.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeWeight:
+    """A weight [K, N] in the small-matmul kernel's layout: packed [N / 16, K, 16], each strip of 16
+    output columns one contiguous run (`decode_weight` makes it once, outside a decode loop)."""
 
-    x: [..., K] with at most 8 rows in all, w: [K, N] with N a multiple of 16, both float32,
-    under the conditions of `decode_attention_kernel_applies`; anything else is XLA's dot.
-    Not differentiable: for the decode path (`Block.paged` with `sliced_layers`) only.
+    packed: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        strips, k, strip = self.packed.shape
+        return k, strips * strip
+
+    def unpacked(self) -> jax.Array:
+        """The [K, N] weight again (for XLA's dot where the kernel does not apply)."""
+        return unpack(self.packed)
+
+
+def unpack(packed: jax.Array) -> jax.Array:
+    strips, k, strip = packed.shape
+    return packed.transpose(1, 0, 2).reshape(k, strips * strip)
+
+
+def decode_weight(w: jax.Array, rows: int, dtype) -> jax.Array | DecodeWeight:
+    """`w` [K, N] as `decode_matmul` reads it fastest for `rows` rows computed in `dtype`.
+
+    Where the kernel applies (at most 8 rows, float32 weight and compute, N a multiple of 16,
+    the conditions of `decode_attention_kernel_applies`): a `DecodeWeight`, a packed copy made
+    here, once, and read by the kernel on every token. Anywhere else `w` itself.
     """
+    if (rows > MATMUL_MAX_ROWS or w.ndim != 2 or w.shape[1] % MATMUL_COLUMN_MULTIPLE or w.dtype != jnp.float32
+            or jnp.dtype(dtype) != jnp.float32 or not _may_run_here()):
+        return w
+    k, n = w.shape
+    return DecodeWeight(w.reshape(k, n // MATMUL_COLUMN_MULTIPLE, MATMUL_COLUMN_MULTIPLE).transpose(1, 0, 2))
+
+
+def decode_matmul(x, w: jax.Array | DecodeWeight) -> jax.Array:
+    """x @ w for a decode step (computed in x's dtype), by the native small-batch kernel where it applies.
+
+    x: [..., K]. The kernel serves a `DecodeWeight` (from `decode_weight`) with at most 8 rows of
+    float32 x, under the conditions of `decode_attention_kernel_applies`; anything else is
+    XLA's dot. Not differentiable: for the decode path (`Block.paged` with `sliced_layers`) only.
+    """
+    if not isinstance(w, DecodeWeight):
+        return x @ w.astype(x.dtype)
     rows = math.prod(x.shape[:-1])
-    if (rows > MATMUL_MAX_ROWS or w.ndim != 2 or w.shape[1] % MATMUL_COLUMN_MULTIPLE
-            or x.dtype != jnp.float32 or w.dtype != jnp.float32 or not _may_run_here()):
-        return x @ w
+    if rows > MATMUL_MAX_ROWS or x.dtype != jnp.float32 or not _may_run_here():
+        return x @ w.unpacked().astype(x.dtype)
     flat = x.reshape(rows, x.shape[-1])
-    out = jax.lax.platform_dependent(flat, w, cpu=_small_matmul, default=jnp.matmul)
+    out = jax.lax.platform_dependent(flat, w.packed, cpu=_small_matmul, default=lambda x, p: x @ unpack(p))
     return out.reshape(*x.shape[:-1], w.shape[1])
 
 
-def _small_matmul(x, w):
-    call = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32),
+def _small_matmul(x, packed):
+    strips, _, strip = packed.shape
+    call = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((x.shape[0], strips * strip), jnp.float32),
                             vmap_method="sequential")
-    return call(x, w)
+    return call(x, packed)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs.schema import ModelConfig
-from model.cpu_kernels import decode_matmul
+from model.cpu_kernels import decode_matmul, decode_weight
 from model.paged import PagedKVCache, attend_paged, write_pages
 from model.sharding import Rules, constrain
 
@@ -82,7 +82,7 @@ class Attention(nnx.Module):
             v = jnp.einsum("bte,ekd->btkd", x, self.wv[...].astype(dt))
         else:  # one matmul instead of three
             (n, d), kv = self.wq.shape[1:], self.wk.shape[1]
-            qkv = decode_matmul(x, fused.astype(dt)).reshape(*x.shape[:2], n + 2 * kv, d)
+            qkv = decode_matmul(x, fused).reshape(*x.shape[:2], n + 2 * kv, d)
             q, k, v = qkv[:, :, :n], qkv[:, :, n : n + kv], qkv[:, :, n + kv :]
         return rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta), v
 
@@ -94,7 +94,7 @@ class Attention(nnx.Module):
         if flat is None:
             return jnp.einsum("btnd,nde->bte", attended, self.wo[...].astype(attended.dtype))
         # heads and head_dim as one contracting axis: XLA need not lay out (or copy) wo anew
-        return decode_matmul(attended.reshape(*attended.shape[:2], -1), flat.astype(attended.dtype))
+        return decode_matmul(attended.reshape(*attended.shape[:2], -1), flat)
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         """Causal self-attention over a whole sequence; packed segments do not see each other.
@@ -133,13 +133,14 @@ class MLP(nnx.Module):
         """w_gate and w_up side by side as one [E, 2 * mlp] matrix (see `sliced_layers`)."""
         return jnp.concatenate([self.w_gate[...], self.w_up[...]], axis=1)
 
-    def __call__(self, x: jax.Array, fused_gate_up: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, fused_gate_up=None, down=None) -> jax.Array:
+        """fused_gate_up, down: `fused_gate_up()` and w_down from `sliced_layers` (the decode path), or None."""
         dt = x.dtype
         if fused_gate_up is None:
             gate, up = x @ self.w_gate[...].astype(dt), x @ self.w_up[...].astype(dt)
         else:  # one matmul instead of two; the decode path (see `sliced_layers`)
-            gate, up = jnp.split(decode_matmul(x, fused_gate_up.astype(dt)), 2, axis=-1)
-            return decode_matmul(jax.nn.silu(gate) * up, self.w_down[...].astype(dt))
+            gate, up = jnp.split(decode_matmul(x, fused_gate_up), 2, axis=-1)
+            return decode_matmul(jax.nn.silu(gate) * up, self.w_down[...] if down is None else down)
         return (jax.nn.silu(gate) * up) @ self.w_down[...].astype(dt)
 
 
@@ -158,12 +159,12 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x))
 
     def paged(self, x, positions, layer, cache, page_table, lengths, num_new, fused=None):
-        """fused: {"qkv", "out", "gate_up"} weights from `Transformer.sliced_layers`, or None."""
+        """fused: {"qkv", "out", "gate_up", "down"} weights from `Transformer.sliced_layers`, or None."""
         fused = fused or {}
         attended, cache = self.attn.paged(self.attn_norm(x), positions, layer, cache, page_table, lengths, num_new,
                                           fused.get("qkv"), fused.get("out"))
         x = x + attended
-        return x + self.mlp(self.mlp_norm(x), fused.get("gate_up")), cache
+        return x + self.mlp(self.mlp_norm(x), fused.get("gate_up"), fused.get("down")), cache
 
 
 class ScalarHead(nnx.Module):
@@ -213,11 +214,12 @@ class Transformer(nnx.Module):
         x = jnp.take(table, tokens, axis=0)
         return constrain(x, BATCH_LENGTH_EMBED, self.rules)
 
-    def sliced_layers(self) -> tuple:
+    def sliced_layers(self, rows: int | None = None) -> tuple:
         """Each layer's parameters as its own arrays (a copy of the blocks' weights), with fused matrices.
 
         Returns per layer (state, {"qkv": [E, (heads + 2 kv_heads) * head_dim], "out": [heads * head_dim, E],
-        "gate_up": [E, 2 * mlp]}).
+        "gate_up": [E, 2 * mlp], "down": [mlp, E]}); `rows`, the decode batch's rows (on one
+        device), lets `cpu_kernels.decode_weight` lay these out for the native matmul kernel.
         A decode loop that takes them from outside its `lax.while_loop` (`decode(..., layers=)`)
         reads each layer's weights in place; slicing the stacked weights inside the loop copies
         them on every token on CPU, a fifth of a small model's decode step. The fused matrices
@@ -225,15 +227,20 @@ class Transformer(nnx.Module):
         small, and on CPU each costs about as much to launch as to run. The flat output
         projection spares a copy of wo per token: XLA:CPU transposed the [heads, head_dim, E]
         weight on every step to contract both axes. With these matrices a step of at most 8
-        rows runs its matmuls by `cpu_kernels.decode_matmul` (one pass over each weight).
+        rows runs its matmuls by `cpu_kernels.decode_matmul` (one pass over each weight, in the
+        layout `decode_weight` makes here, once per decode loop).
         """
+        def weight(w):
+            return w if rows is None else decode_weight(w, rows, self.cfg.dtype)
+
         graphdef, stacked = nnx.split(self.blocks)
         layers = []
         for i in range(self.cfg.num_layers):
             state = jax.tree.map(lambda a, i=i: a[i], stacked)
             block = nnx.merge(graphdef, state)
-            layers.append((state, {"qkv": block.attn.fused_qkv(), "out": block.attn.flat_out(),
-                                   "gate_up": block.mlp.fused_gate_up()}))
+            fused = {"qkv": block.attn.fused_qkv(), "out": block.attn.flat_out(), "gate_up": block.mlp.fused_gate_up(),
+                     "down": block.mlp.w_down[...]}
+            layers.append((state, {name: weight(w) for name, w in fused.items()}))
         return tuple(layers)
 
     def _run_layers(self, step, x, carry, unroll: int = 1, layers: tuple | None = None):

@@ -96,8 +96,8 @@ def decode_loop(
     model = nnx.merge(graphdef, params)
     # On CPU the layers' weights are sliced once, here, rather than copied out of the stacked
     # weights on every token; accelerators slice in place and keep the one copy of the weights.
-    layers = model.sliced_layers() if jax.default_backend() == "cpu" else None
     rows = pending.shape[0]
+    layers = model.sliced_layers(rows) if jax.default_backend() == "cpu" else None
     stops = jnp.asarray(stop_ids, jnp.int32)
 
     def cond(carry):

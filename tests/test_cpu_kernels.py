@@ -1,5 +1,7 @@
 """The native CPU decode-attention kernel: built, equal to XLA's attention, used only where it applies."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,12 +118,21 @@ def test_a_build_is_cached_per_source_and_machine(fresh_status):
     assert [p.name for p in (fresh_status / "kernels").iterdir()] == [first.name]  # no temporary files left
 
 
+def _packed_matmul(x, w):
+    """decode_matmul with the weight laid out for x's rows, as `sliced_layers` does outside a decode loop."""
+    return cpu_kernels.decode_matmul(x, cpu_kernels.decode_weight(w, math.prod(x.shape[:-1]), x.dtype))
+
+
 @pytest.mark.parametrize("rows, k, n", [(8, 256, 1536), (3, 7, 16), (1, 64, 48)])
 def test_the_small_matmul_kernel_equals_a_float64_matmul(rows, k, n):
     rng = np.random.default_rng(rows + k + n)
     x = rng.standard_normal((rows, 1, k)).astype(np.float32)  # [B, T=1, K] as in a decode step
     w = rng.standard_normal((k, n)).astype(np.float32)
-    fn = jax.jit(cpu_kernels.decode_matmul)
+    packed = jax.jit(lambda w: cpu_kernels.decode_weight(w, rows, jnp.float32))(w)
+    assert isinstance(packed, cpu_kernels.DecodeWeight) and packed.shape == (k, n)
+    assert packed.packed.shape == (n // 16, k, 16)
+    np.testing.assert_array_equal(np.asarray(packed.unpacked()), w)
+    fn = jax.jit(_packed_matmul)
     assert cpu_kernels.MATMUL_TARGET in fn.lower(x, w).as_text()
     got = np.asarray(fn(x, w))
     want = (x.astype(np.float64) @ w.astype(np.float64))
@@ -131,12 +142,24 @@ def test_the_small_matmul_kernel_equals_a_float64_matmul(rows, k, n):
 
 @pytest.mark.parametrize("rows, n", [(9, 16), (8, 20)])
 def test_matmuls_the_kernel_does_not_cover_stay_with_xla(rows, n):
-    """More than 8 rows (prefill, a wide search batch) or a width not a multiple of 16."""
+    """More than 8 rows (prefill, a wide search batch) or a width not a multiple of 16: no packed copy."""
     rng = np.random.default_rng(5)
     x, w = rng.standard_normal((rows, 32)).astype(np.float32), rng.standard_normal((32, n)).astype(np.float32)
-    fn = jax.jit(cpu_kernels.decode_matmul)
+    assert cpu_kernels.decode_weight(w, rows, jnp.float32) is w
+    fn = jax.jit(_packed_matmul)
     assert cpu_kernels.MATMUL_TARGET not in fn.lower(x, w).as_text()
     np.testing.assert_allclose(np.asarray(fn(x, w)), x @ w, rtol=1e-5, atol=1e-5)
+    # a weight packed for fewer rows, then met with more (or with bfloat16 x): XLA's dot of the unpacked weight
+    packed = cpu_kernels.decode_weight(w[:, :16], 8, jnp.float32)
+    assert isinstance(packed, cpu_kernels.DecodeWeight)
+    for rows_x, dtype in ((9, jnp.float32), (8, jnp.bfloat16)):
+        wide = jnp.asarray(x[:1].repeat(rows_x, axis=0), dtype)
+        lowered = jax.jit(cpu_kernels.decode_matmul).lower(wide, packed).as_text()
+        assert cpu_kernels.MATMUL_TARGET not in lowered
+        np.testing.assert_allclose(np.asarray(cpu_kernels.decode_matmul(wide, packed), np.float32),
+                                   np.asarray(wide, np.float32) @ w[:, :16], rtol=2e-2, atol=2e-2)
+    assert not isinstance(cpu_kernels.decode_weight(w[:, :16], 8, jnp.bfloat16), cpu_kernels.DecodeWeight)
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     with jax.set_mesh(mesh):  # a mesh axis left to XLA's partitioner: XLA's dot, as for attention
+        assert not isinstance(cpu_kernels.decode_weight(w[:, :16], 8, jnp.float32), cpu_kernels.DecodeWeight)
         assert cpu_kernels.MATMUL_TARGET not in fn.lower(x[:8, :], w[:, :16]).as_text()

@@ -5,8 +5,11 @@
 // first, reading and writing them once more. Here each work item owns a strip of 16 output
 // columns and keeps its 8 x 16 accumulators in registers while it walks down the strip
 // once, so every weight is read once; the strips are split over XLA's intra-op threads.
+// The weight comes strip by strip ([N / 16, K, 16], packed once per decode loop by
+// cpu_kernels.decode_weight), so a strip is one contiguous run of memory: walking a strip
+// of [K, N] jumps a row of N floats per k, and ran at half the speed.
 //
-// Inputs (float32): x [M, K] with M <= 8, w [K, N] with N a multiple of 16. Output: [M, N].
+// Inputs (float32): x [M, K] with M <= 8, w [N / 16, K, 16]. Output: [M, N].
 // Built by model/cpu_kernels.py with paged_attention.cc into one library.
 
 #include <algorithm>
@@ -39,8 +42,8 @@ void Strip(const MatmulShared& s, int64_t strip) {
   const int64_t n0 = strip * kStrip;
   v8 acc[kRows][2] = {};
   const float* xt = s.xt.data();
-  const float* wp = s.w + n0;
-  for (int64_t k = 0; k < s.K; ++k, wp += s.N, xt += kRows) {
+  const float* wp = s.w + strip * s.K * kStrip;
+  for (int64_t k = 0; k < s.K; ++k, wp += kStrip, xt += kRows) {
     v8 w0, w1;
     std::memcpy(&w0, wp, sizeof(v8));
     std::memcpy(&w1, wp + 8, sizeof(v8));
@@ -66,16 +69,16 @@ ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
                            ffi::ResultBuffer<ffi::F32> out) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0] || xd[0] > kRows || wd[1] % kStrip != 0)
-    return ffi::Error::InvalidArgument("small matmul: expected x [M <= 8, K] and w [K, N], N a multiple of 16");
+  if (xd.size() != 2 || wd.size() != 3 || xd[1] != wd[1] || xd[0] > kRows || wd[2] != kStrip)
+    return ffi::Error::InvalidArgument("small matmul: expected x [M <= 8, K] and w packed as [N / 16, K, 16]");
   auto shared = std::make_shared<MatmulShared>();
   MatmulShared& s = *shared;
   s.w = w.typed_data();
   s.out = out->typed_data();
   s.M = xd[0];
   s.K = xd[1];
-  s.N = wd[1];
-  s.strips = s.N / kStrip;
+  s.strips = wd[0];
+  s.N = s.strips * kStrip;
   s.xt.assign(s.K * kRows, 0.0f);
   const float* xp = x.typed_data();
   for (int64_t m = 0; m < s.M; ++m)
