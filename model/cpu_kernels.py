@@ -200,6 +200,7 @@ class DecodeWeight:
 
 
 def unpack(packed: jax.Array) -> jax.Array:
+    """[N / 16, K, 16] -> [K, N]: `decode_weight`'s packing undone."""
     strips, k, strip = packed.shape
     return packed.transpose(1, 0, 2).reshape(k, strips * strip)
 

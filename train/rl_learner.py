@@ -11,9 +11,8 @@ batch axes. A batch is only as wide as its longest row needs, from a few widths:
 one (rl.max_prompt_len + rl.max_new_tokens), its half, quarter, ... (multiples of
 WIDTH_BUCKET), since prompts and completions are mostly far shorter than their limits. Each
 function compiles once per (rows, width) it meets, so a long row costs one more compile
-the first time a batch has one. The step sums
-gradients over `rl.microbatches` slices and divides by the summed loss denominator, so the
-split never changes the update.
+the first time a batch has one. The step sums gradients over `rl.microbatches` slices and
+divides by the summed loss denominator, so the split never changes the update.
 """
 
 from __future__ import annotations
