@@ -1,4 +1,4 @@
-"""The native CPU decode-attention kernel: built, equal to XLA's attention, used only where it applies."""
+"""The native CPU decode kernels (paged attention, small matmul): built, equal to XLA, used only where they apply."""
 
 import math
 
