@@ -22,8 +22,6 @@ configs): `NAME`, `NAME.yaml`, then `models/NAME.yaml`. So `tiny` is `models/tin
 from __future__ import annotations
 
 import difflib
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from configs.fileio import write_atomic
 from configs.schema import Config
 
 CONFIG_DIR = Path(__file__).resolve().parent
@@ -95,20 +94,7 @@ def dump_config(cfg: Config) -> str:
 
 def save_config(cfg: Config, run_dir: str | Path) -> Path:
     """Writes `run_dir/config.yaml` atomically (temp file, then rename) and returns its path."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / "config.yaml"
-    fd, tmp = tempfile.mkstemp(prefix=".config.", suffix=".yaml.tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(dump_config(cfg))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_atomic(Path(run_dir) / "config.yaml", dump_config(cfg))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs.fileio import atomic_path
+
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = (KERNELS / "paged_attention.cc", KERNELS / "small_matmul.cc")
 TARGET = "ponder_paged_decode_attention"
@@ -98,18 +100,11 @@ def _build(compiler: str) -> Path:
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
     # Built under a temporary name and renamed: processes building at once each get a whole file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
+    with atomic_path(target, mode=0o755) as tmp:
+        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", str(tmp)]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if result.returncode != 0:
             raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{result.stderr[-2000:]}")
-        os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep others sharing the cache from loading it
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return target
 
 

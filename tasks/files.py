@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from configs.fileio import atomic_open
 from tasks import TASKS
 from tasks.base import SPLITS, Problem
 
@@ -30,21 +30,10 @@ class ProblemFileError(ValueError):
 
 def write_problems(path: str | os.PathLike, problems: Iterable[Problem]) -> None:
     """Writes problems as JSON lines; atomic: the file appears complete or not at all."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for problem in problems:
-                record = {key: getattr(problem, key) for key in FIELDS} | {"steps": list(problem.steps)}
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_open(path) as f:
+        for problem in problems:
+            record = {key: getattr(problem, key) for key in FIELDS} | {"steps": list(problem.steps)}
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def iter_problem_lines(path: str | os.PathLike) -> Iterator[tuple[int, Problem | str]]:

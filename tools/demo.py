@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from configs.fileio import write_atomic
 from tools.cli import add_config_arguments
 
 DEFAULT_CONFIG = "experiments/demo"
@@ -177,7 +178,7 @@ class Demo:
             start = time.perf_counter()
             stage()
             timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
-            _write_atomic(timings_path, json.dumps(timings) + "\n")
+            write_atomic(timings_path, json.dumps(timings) + "\n")
         return self.report(timings)
 
     # -- 1. policy --
@@ -244,7 +245,7 @@ class Demo:
             measured = policy_pass_at_1(run_dir, problems, samples=samples, temperature=temperature, seed=seed)
             result[policy] = measured["pass_at_1"]
             result[f"{policy}_skipped"] = int(measured["eval_skipped"])  # prompts wider than rl.max_prompt_len
-        _write_atomic(out, json.dumps(result) + "\n")
+        write_atomic(out, json.dumps(result) + "\n")
 
     # -- 2. reward data --
 
@@ -295,7 +296,7 @@ class Demo:
         path = self.run_dir / "problems.jsonl"
         if not path.exists():
             problems = plan_problems(self.cfg.data.mixture, self.cfg.demo.problems, split="test", seed=self.cfg.seed)
-            _write_atomic(path, "".join(json.dumps(p.to_json()) + "\n" for p in problems))
+            write_atomic(path, "".join(json.dumps(p.to_json()) + "\n" for p in problems))
         return path
 
     def search(self) -> None:
@@ -349,7 +350,7 @@ class Demo:
             "pass_at_1": pass_at_1,
             "rows": results,
         }
-        _write_atomic(self.run_dir / "results.json", json.dumps(summary, indent=1) + "\n")
+        write_atomic(self.run_dir / "results.json", json.dumps(summary, indent=1) + "\n")
         plot_scaling(results, self.run_dir / "scaling.png", title=_plot_title(self.cfg))
         return summary
 
@@ -510,7 +511,7 @@ class SearchRunner:
                 "scorer_flops": entry["scorer_flops"],
             })
         out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out_dir / f"{row.key}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        write_atomic(out_dir / f"{row.key}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
         count = len(records)
         summary = {
             "name": row.name, "policy": row.policy, "strategy": row.strategy, "scorer": row.scorer,
@@ -523,7 +524,7 @@ class SearchRunner:
             "search_seconds": seconds,
             "compile_seconds": compile_seconds,
         }
-        _write_atomic(summary_path, json.dumps(summary) + "\n")
+        write_atomic(summary_path, json.dumps(summary) + "\n")
         print(f"  {row.name:<28} x{row.budget:<3} {summary['size']:<28} accuracy {summary['accuracy']:.3f}  "
               f"{summary['tokens_per_problem']:>8.0f} tokens/problem  {summary['problems_per_s']:.2f} problems/s",
               flush=True)
@@ -612,10 +613,3 @@ def _latest_step(run_dir: Path) -> int | None:
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -27,18 +27,17 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from configs.fileio import atomic_open
 from configs.schema import Config
 from tasks.base import ANSWER_PREFIX, SPLITS, Problem
-from train.data.pipeline import DataStateError
 from train.data.vocab import get_vocabulary
+from train.host_state import DataStateError, load_host_state, save_host_state
 
 LABEL_SOURCES = ("checker", "mc")
 _PROBLEM_KEYS = ("problem_id", "task", "difficulty", "split", "prompt", "reference_answer")
@@ -153,20 +152,10 @@ def read_reward_records(path: str | os.PathLike) -> list[RewardRecord]:
 
 def write_reward_records(path: str | os.PathLike, records: list[RewardRecord]) -> Path:
     """Writes records as JSON lines, atomically: the file appears complete or not at all."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_open(path) as f:
+        for record in records:
+            f.write(json.dumps(record.to_json(), ensure_ascii=False) + "\n")
+    return Path(path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,29 +300,13 @@ class RewardData:
 
     def save(self, directory: str | Path) -> Path:
         """Writes this host's position to directory/host-I-of-N/state.json (atomically); returns that path."""
-        target = Path(directory) / f"host-{self.shard_index}-of-{self.num_shards}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
         state = self._identity() | {"epoch": self.epoch, "cursor": self.cursor, "batches_read": self.batches_read,
-                                    "truncated_examples": self.truncated_examples, "num_shards": self.num_shards}
-        (staging / "state.json").write_text(json.dumps(state, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-        return target
+                                    "truncated_examples": self.truncated_examples}
+        return save_host_state(directory, self.shard_index, self.num_shards, state)
 
     def restore(self, directory: str | Path) -> None:
         """Continues from a saved position: the next batch is the one the saved stream would yield next."""
-        directory = Path(directory)
-        target = directory / f"host-{self.shard_index}-of-{self.num_shards}"
-        if not (target / "state.json").is_file():
-            saved = sorted(p.name for p in directory.glob("host-*-of-*"))
-            if saved and not any(name.endswith(f"-of-{self.num_shards}") for name in saved):
-                hosts = saved[0].rsplit("-of-", 1)[1]
-                raise DataStateError(f"{directory}: the data position was saved by {hosts} hosts but this run has "
-                                     f"{self.num_shards}; resume with {hosts} hosts")
-            raise DataStateError(f"{directory}: no saved data position for host {self.shard_index}")
-        state = json.loads((target / "state.json").read_text())
+        target, state = load_host_state(directory, self.shard_index, self.num_shards)
         identity = self._identity()
         changed = [key for key in identity if state.get(key) != identity[key]]
         if changed:

@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -35,8 +31,8 @@ from model.transformer import Transformer
 from search.sampler import EOS_ID, PAD_ID, Sampling, encode_prompts, generate
 from tasks import get_task
 from tasks.base import Problem, final_answer
-from train.data.pipeline import DataStateError
 from train.data.sources import Component
+from train.host_state import DataStateError, load_host_state, save_host_state
 
 OVER_LENGTH = "over length"
 
@@ -93,23 +89,13 @@ class PromptStream:
 
     def save(self, directory: str | Path) -> Path:
         """Writes the position and key to directory/host-I-of-N/state.json (atomically)."""
-        target = Path(directory) / f"host-{self.shard_index}-of-{self.num_shards}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
         state = self._identity() | {"position": self.position, "batches_read": self.batches_read,
                                     "skipped": self.skipped, "key": self.key.tolist()}
-        (staging / "state.json").write_text(json.dumps(state, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-        return target
+        return save_host_state(directory, self.shard_index, self.num_shards, state)
 
     def restore(self, directory: str | Path) -> None:
         """Continues from a saved position; a stream saved with other settings is a DataStateError."""
-        target = Path(directory) / f"host-{self.shard_index}-of-{self.num_shards}"
-        if not (target / "state.json").is_file():
-            raise DataStateError(f"{directory}: no saved prompt stream for host {self.shard_index}")
-        state = json.loads((target / "state.json").read_text())
+        _, state = load_host_state(directory, self.shard_index, self.num_shards, what="prompt stream")
         saved = {k: state.get(k) for k in self._identity()}
         if saved != self._identity():
             changed = ", ".join(f"{k}: saved {saved[k]!r}, now {v!r}" for k, v in self._identity().items()

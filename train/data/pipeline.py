@@ -15,10 +15,6 @@ Batch features (int32 unless noted), as the model and the loss use them:
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -30,6 +26,7 @@ from configs.schema import DataConfig
 from train.data.sources import register_mixture
 from train.data.tf_cpu import tf
 from train.data.vocab import get_vocabulary
+from train.host_state import DataStateError, load_host_state, save_host_state  # noqa: F401 (DataStateError re-exported)
 
 FEATURES = {
     "decoder_input_tokens": "tokens",
@@ -38,10 +35,6 @@ FEATURES = {
     "decoder_segment_ids": "segment_ids",
     "decoder_positions": "positions",
 }
-
-
-class DataStateError(ValueError):
-    """A saved pipeline position that this pipeline cannot continue from exactly."""
 
 
 class Pipeline:
@@ -132,32 +125,14 @@ class Pipeline:
 
     def save(self, directory: str | Path) -> Path:
         """Writes this host's position to directory/host-I-of-N (atomically); returns that path."""
-        target = Path(directory) / f"host-{self.shard_index}-of-{self.num_shards}"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-        tf.train.Checkpoint(iterator=self._iterator).write(str(staging / "iterator"))
-        state = self._identity() | {"batches_read": self.batches_read, "num_shards": self.num_shards}
-        (staging / "state.json").write_text(json.dumps(state, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-        return target
+        state = self._identity() | {"batches_read": self.batches_read}
+        return save_host_state(directory, self.shard_index, self.num_shards, state,
+                               lambda staging: tf.train.Checkpoint(iterator=self._iterator).write(
+                                   str(staging / "iterator")))
 
     def restore(self, directory: str | Path) -> None:
         """Continues from a saved position: the next batch is the one the saved pipeline would yield next."""
-        directory = Path(directory)
-        target = directory / f"host-{self.shard_index}-of-{self.num_shards}"
-        if not target.is_dir():
-            saved = sorted(p.name for p in directory.glob("host-*-of-*"))
-            if saved and not any(name.endswith(f"-of-{self.num_shards}") for name in saved):
-                hosts = saved[0].rsplit("-of-", 1)[1]
-                raise DataStateError(
-                    f"{directory}: the data position was saved by {hosts} hosts but this run has "
-                    f"{self.num_shards}; continuing would repeat or skip examples. Resume with "
-                    f"{hosts} hosts, or start the data stream afresh."
-                )
-            raise DataStateError(f"{directory}: no saved data position for host {self.shard_index}")
-        state = json.loads((target / "state.json").read_text())
+        target, state = load_host_state(directory, self.shard_index, self.num_shards)
         if {k: state[k] for k in self._identity()} != self._identity():
             changed = [k for k in state["data"] if state["data"][k] != self._identity()["data"].get(k)]
             changed += [k for k in ("seed", "split") if state[k] != self._identity()[k]]
