@@ -3,9 +3,11 @@
     cfg = load_config("configs/experiments/tiny.yaml", ["model.num_layers=4", "mesh.fsdp=-1"])
 
 A file may name other files in a top-level `base:` (a path, or a list of paths, relative to
-the file that names them). Bases are applied first, in order, each file at most once per
-load (so two bases that share a parent do not re-apply it), then the file itself. Applying
-means a deep merge: mappings merge key by key, anything else (scalars, lists) replaces.
+the file that names them). Every load starts from the schema's defaults (what base.yaml
+lists), so a file that names no base merges over the same ones, logical axis rules included.
+Bases are applied first, in order, each file at most once per load (so two bases that share
+a parent do not re-apply it), then the file itself. Applying means a deep merge: mappings
+merge key by key, anything else (scalars, lists) replaces.
 The exception is `data.mixture`: a mixture is one whole, so a file or override that gives
 one replaces the inherited mixture instead of adding components to it.
 Overrides `key.sub=value` are applied last; the value is parsed as YAML (`4` is an int,
@@ -47,7 +49,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """Reads `path` (None: configs/base.yaml) with its bases, applies `overrides`, validates."""
     top = resolve_path(path)
     sources: Sources = {}
-    data = _apply_file({}, top, stack=[], applied=set(), sources=sources)
+    # Merging over the defaults (not {}) keeps a partial `logical_axis_rules:` from dropping the other rules.
+    data = _apply_file(Config().model_dump(mode="json"), top, stack=[], applied=set(), sources=sources)
     for override in overrides:
         data = _merge(data, _parse_override(override), f"command-line override `{override}`", sources)
     return _validate(data, sources, str(top), f"invalid config {top}")

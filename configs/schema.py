@@ -2,6 +2,10 @@
 
 `configs/load.py` reads YAML (with `base:` inheritance and dotted overrides) and validates
 it against `Config`; unknown keys, wrong types and impossible values are errors.
+
+Every default lives here, the logical axis rules included: code builds sections directly
+(`MeshConfig(data=2)`), so the schema needs them anyway, and a YAML file that names no base
+gets the same ones. base.yaml documents each; tests/test_config.py names any key that differs.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ class ModelConfig(Strict):
     rope_theta: float = Field(10000.0, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
     tie_embeddings: bool = False
-    max_seq_len: int = Field(2048, gt=0)
+    max_seq_len: int = Field(512, gt=0)
     dtype: Literal["float32", "bfloat16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     scan_layers: bool = True
@@ -309,8 +313,10 @@ class Config(Strict):
     reward: RewardConfig = RewardConfig()
     demo: DemoConfig = DemoConfig()
     rl: RLConfig = RLConfig()
-    # logical axis name -> mesh axis, list of mesh axes, or null (replicated)
-    logical_axis_rules: dict[str, MeshAxes | list[MeshAxes] | None] = Field(default_factory=dict)
+    # logical axis name -> mesh axis, list of mesh axes, or null (replicated); base.yaml says why
+    logical_axis_rules: dict[str, MeshAxes | list[MeshAxes] | None] = Field(default_factory=lambda: {
+        "batch": ["data", "fsdp"], "length": None, "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor",
+        "head_dim": None, "mlp": "tensor", "vocab": "tensor", "layers": None})
 
     @model_validator(mode="after")
     def _check_rules(self) -> Config:

@@ -6,6 +6,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import BaseModel
 
 from configs.load import CONFIG_DIR, ConfigError, dump_config, load_config, resolve_path, save_config, with_overrides
 from configs.schema import Config, ModelConfig
@@ -25,11 +27,81 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+def schema_defaults(section: type[BaseModel] = Config, prefix: str = "") -> dict[str, object]:
+    """Dotted key -> the schema's default (as YAML would write it), for every field of every section."""
+    defaults = section().model_dump(mode="json")
+    out: dict[str, object] = {}
+    for name, field in section.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out |= schema_defaults(annotation, f"{prefix}{name}.")
+        else:
+            out[f"{prefix}{name}"] = defaults[name]
+    return out
+
+
+def flatten(yaml_data: dict, schema_keys: set[str], prefix: str = "") -> dict[str, object]:
+    """Dotted key -> value of a YAML mapping, descending only into sections (not mixture or rules)."""
+    out: dict[str, object] = {}
+    for name, value in yaml_data.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict) and key not in schema_keys:
+            out |= flatten(value, schema_keys, f"{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def default_drift(base: dict) -> list[str]:
+    """One line per key where the mapping `base` (base.yaml's) and the schema's defaults differ."""
+    want = schema_defaults()
+    got = flatten(base, set(want))
+    problems = [f"{key}: base.yaml lacks it (schema default {want[key]!r})" for key in want if key not in got]
+    problems += [f"{key}: in base.yaml but not in the schema" for key in got if key not in want]
+    problems += [f"{key}: base.yaml says {got[key]!r}, the schema {want[key]!r}" for key in want
+                 if key in got and (got[key] != want[key] or type(got[key]) is not type(want[key]))]
+    return problems
+
+
 @pytest.mark.parametrize("path", ALL_YAML, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
 def test_every_shipped_yaml_validates(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
     assert cfg.rules(), "every config should inherit the logical axis rules"
+
+
+def test_base_yaml_lists_exactly_the_schema_defaults():
+    """base.yaml documents every knob with the schema's own default, and nothing else."""
+    base = yaml.safe_load((CONFIG_DIR / "base.yaml").read_text())
+    assert default_drift(base) == []
+    assert load_config(None) == Config(), "base.yaml resolves to the schema's defaults"
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda b: b["model"].update(max_seq_len=2048), "model.max_seq_len: base.yaml says 2048, the schema 512"),
+    (lambda b: b["logical_axis_rules"].update(embed=None), "logical_axis_rules: base.yaml says"),
+    (lambda b: b["optimizer"].update(learning_rate="3e-3"), "optimizer.learning_rate: base.yaml says '3e-3'"),
+    (lambda b: b["search"].update(top_p=1), "search.top_p: base.yaml says 1, the schema 1.0"),
+    (lambda b: b["rl"].pop("seed"), "rl.seed: base.yaml lacks it"),
+    (lambda b: b["train"].update(retired_knob=3), "train.retired_knob: in base.yaml but not in the schema"),
+])
+def test_default_drift_names_the_key(edit, needle):
+    base = yaml.safe_load((CONFIG_DIR / "base.yaml").read_text())
+    edit(base)
+    (problem,) = default_drift(base)
+    assert problem.startswith(needle)
+
+
+def test_config_not_rooted_at_base_yaml_shards_like_one_that_is(tmp_path):
+    """A file naming no base gets base.yaml's logical axis rules; a partial table merges over them."""
+    base = load_config(None)
+    lone = load_config(write(tmp_path / "lone.yaml", "model: {num_layers: 3}\n"))
+    assert lone.rules() == base.rules() and lone.model.max_seq_len == base.model.max_seq_len
+    assert lone.model_dump() == base.model_dump() | {"model": base.model.model_dump() | {"num_layers": 3}}
+    partial = load_config(write(tmp_path / "partial.yaml", "logical_axis_rules: {embed: null}\n"))
+    assert dict(partial.rules()) == dict(base.rules()) | {"embed": ()}
+    rooted = write(tmp_path / "rooted.yaml", f"base: {CONFIG_DIR / 'base.yaml'}\nlogical_axis_rules: {{embed: null}}\n")
+    assert load_config(rooted) == partial
 
 
 def test_base_rules_and_mesh():
@@ -70,7 +142,7 @@ def test_child_overrides_one_key_and_keeps_the_rest(tmp_path):
     child = write(tmp_path / "child.yaml", "base: parent.yaml\nmodel: {num_layers: 5}\n")
     cfg = load_config(child)
     assert (cfg.seed, cfg.model.num_layers, cfg.model.embed_dim, cfg.model.mlp_dim) == (7, 5, 64, 96)
-    assert cfg.logical_axis_rules == {}, "a chain not rooted at base.yaml gets schema defaults only"
+    assert cfg.rules() == load_config(None).rules(), "a chain not rooted at base.yaml still gets the rules"
 
 
 def test_child_of_packaged_config_in_another_directory(tmp_path):
