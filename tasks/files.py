@@ -5,7 +5,8 @@ Reading requires `id`, `task`, `prompt` and `answer` (strings, a known task); `d
 (an int, default 0 = unknown), `split` (one of SPLITS, default "test"), `steps` (a list of
 strings) and `meta` (an object) are optional; any other key is an error (it is usually a typo).
 The task then checks that it can verify the problem (its prompt parses, its answer verifies).
-Blank lines are ignored.
+Blank lines are ignored. Lines are read by tasks/jsonl.py: a line that is too long, not UTF-8,
+nested too deeply or not standard JSON is a bad line like any other, never an exception.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from configs.fileio import atomic_open
 from tasks import TASKS
 from tasks.base import SPLITS, Problem
+from tasks.jsonl import iter_json_lines
 
 REQUIRED = ("id", "task", "prompt", "answer")
 OPTIONAL = {"difficulty": 0, "split": "test", "steps": [], "meta": {}}
@@ -37,16 +39,12 @@ def write_problems(path: str | os.PathLike, problems: Iterable[Problem]) -> None
 
 
 def iter_problem_lines(path: str | os.PathLike) -> Iterator[tuple[int, Problem | str]]:
-    """(1-based line number, the Problem or `file:line: reason`) for each non-blank line of a file."""
-    path = os.fspath(path)
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, _parse_line(line)
-            except ValueError as err:
-                yield number, f"{path}:{number}: {err}"
+    """(1-based line number, the Problem or `file:line: reason`) for each non-blank line of a file.
+
+    Never raises for a line, whatever it holds; only a file that cannot be opened or read raises (OSError).
+    """
+    for number, parsed in iter_json_lines(path, _parse_record):
+        yield number, parsed if isinstance(parsed, Problem) else str(parsed)
 
 
 def read_problems(path: str | os.PathLike, skip_bad_lines: bool = False) -> tuple[list[Problem], list[str]]:
@@ -66,12 +64,8 @@ def read_problems(path: str | os.PathLike, skip_bad_lines: bool = False) -> tupl
     return problems, bad
 
 
-def _parse_line(line: str) -> Problem:
-    """One validated problem; raises ValueError saying what is wrong."""
-    try:
-        record: Any = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"invalid JSON: {err}") from None
+def _parse_record(record: Any) -> Problem:
+    """One validated problem from a line's JSON value; raises ValueError saying what is wrong."""
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     missing = [key for key in REQUIRED if key not in record]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 import subprocess
 import sys
 
@@ -21,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from test_cli import ROOT
 
 from configs.load import load_config
@@ -28,7 +31,7 @@ from search.sampler import EOS_ID, Sampling, decode_text, encode_prompts
 from search.scorers import RewardModelScorer
 from search.strategies import Models, SearchSpec, run_search
 from search.tree import path_nodes, path_tokens
-from tasks import get_task
+from tasks import get_task, jsonl
 from tasks.arithmetic import rewrites
 from tasks.expr import Op, evaluate, parse, to_text
 from tools import cli
@@ -236,6 +239,108 @@ def test_record_layout_and_file_errors(tmp_path):
     (tmp_path / "typo.jsonl").write_text(json.dumps(typo) + "\n")
     with pytest.raises(RewardDataError, match=r"typo\.jsonl:1: unknown key\(s\) outcom"):
         read_reward_records(tmp_path / "typo.jsonl")
+
+
+def _record_line(record, **changes) -> bytes:
+    """A record's JSON line with `changes` (raw JSON text per key) put in place of those keys' values."""
+    values = record.to_json()
+    text = json.dumps({key: values[key] for key in values if key not in changes})
+    return (text[:-1] + "".join(f', "{key}": {raw}' for key, raw in changes.items()) + "}").encode()
+
+
+_RECORD = checker_records(1)[0]
+_DEEP = "[" * 3000 + "]" * 3000
+
+
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        (_record_line(_RECORD, steps=_DEEP), "nested too deeply"),
+        (b'{"a": ' * 4000 + b"1" + b"}" * 4000, "nested too deeply"),
+        (b" " * (jsonl.MAX_LINE_BYTES + 1), f"line longer than {jsonl.MAX_LINE_BYTES} bytes"),
+        (bytes(range(256)).replace(b"\n", b""), "not valid UTF-8"),
+        (_record_line(_RECORD, completion='"aQb"').replace(b"aQb", b"a\xffb"), "not valid UTF-8"),
+        (_record_line(_RECORD, completion='"aQb"').replace(b"aQb", b"a\xed\xa0\x80b"), "not valid UTF-8"),
+        (_record_line(_RECORD, completion='"a\x00b"'), "invalid JSON: Invalid control character"),
+        (_record_line(_RECORD, completion='"\\udc80"'), "lone surrogate"),
+        (_record_line(_RECORD, outcome="NaN"), "NaN is not standard JSON"),
+        (_record_line(_RECORD, labels="[1e400, 0]"), "number 1e400 is out of range"),
+        (_record_line(_RECORD)[:-1] + b', "sample": 0}', "duplicate key 'sample'"),
+        (b"[1, 2]", "expected a JSON object, got list"),
+        (b'"a record"', "expected a JSON object, got str"),
+        (_record_line(_RECORD, labels='"0.5"'), "'labels' must be a list of numbers in [0, 1], got '0.5'"),
+        (_record_line(_RECORD, sample='"1"'), "'sample' must be an integer, got '1'"),
+        (_record_line(_RECORD, outcome="true"), "'outcome' must be 0 or 1, got True"),
+        (_record_line(_RECORD, steps='["a\\nb"]', labels="[1]"), "'steps' must be a list of strings without newlines"),
+        (_record_line(_RECORD, sample="-1.5"), "'sample' must be an integer, got -1.5"),
+        (_record_line(_RECORD, **{"k" * 100_000: "1"}), "unknown key(s) kkkk"),
+    ],
+)
+def test_hostile_reward_lines_raise_naming_file_and_line(tmp_path, bad_line, message):
+    good = [json.dumps(r.to_json()).encode() for r in checker_records(2)]
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b"\n".join([good[0], b"", bad_line, good[1]]) + b"\n")
+    with pytest.raises(RewardDataError) as error:
+        read_reward_records(path)
+    assert str(error.value).startswith(f"{path}:3: ") and message in str(error.value)
+    assert "\n" not in str(error.value) and len(str(error.value)) <= len(f"{path}:3: ") + jsonl.MAX_REASON_CHARS
+
+
+def test_reward_lines_are_read_in_bounded_chunks(tmp_path):
+    import tracemalloc
+
+    from train.reward_data import RewardRecord
+
+    cap, good = jsonl.MAX_LINE_BYTES, [json.dumps(r.to_json()).encode() for r in checker_records(1)]
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(good[0] + b"\n" + b"[" * (16 * cap) + b"\n" + good[1] + b"\n")
+    tracemalloc.start()
+    try:
+        with pytest.raises(RewardDataError, match=rf"r\.jsonl:2: line longer than {cap} bytes"):
+            read_reward_records(path)
+        lines = list(jsonl.iter_json_lines(path, RewardRecord.from_json))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * cap  # the 16 MiB line was read in bounded pieces and dropped, never held whole
+    assert [number for number, _ in lines] == [1, 2, 3] and isinstance(lines[1][1], jsonl.BadLine)
+    assert [r.to_json() for _, r in (lines[0], lines[2])] == [r.to_json() for r in checker_records(1)]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lines=st.lists(st.one_of(
+    st.integers(0, 3).map(lambda k: ("good", k)),
+    st.binary(max_size=200).map(lambda b: ("junk", b.replace(b"\n", b""))),
+    st.sampled_from([b"[" * 5000, b'{"a": ' * 70 + b"1" + b"}" * 70, b"\x00", b"NaN"]).map(lambda b: ("junk", b)),
+), max_size=8))
+def test_fuzz_reward_files_of_arbitrary_lines(lines):
+    """Good lines come back as their records; the first non-blank other line raises RewardDataError naming it."""
+    import tempfile
+
+    records = checker_records(2)
+    good = [json.dumps(r.to_json()).encode() for r in records]
+    with tempfile.TemporaryDirectory() as directory, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jsonl, "MAX_LINE_BYTES", 2 * max(map(len, good)))
+        path = f"{directory}/r.jsonl"
+        with open(path, "wb") as f:
+            f.write(b"\n".join(good[k] if kind == "good" else k for kind, k in lines))
+        bad = [n for n, (kind, line) in enumerate(lines, 1) if kind == "junk" and not _blank(line)]
+        if bad:
+            with pytest.raises(RewardDataError, match=rf"^{re.escape(path)}:{bad[0]}: "):
+                read_reward_records(path)
+        elif not any(kind == "good" for kind, _ in lines):
+            with pytest.raises(RewardDataError, match="no records"):
+                read_reward_records(path)
+        else:
+            got = read_reward_records(path)
+            assert [r.to_json() for r in got] == [records[k].to_json() for kind, k in lines if kind == "good"]
+
+
+def _blank(line: bytes) -> bool:
+    try:
+        return not line.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return False
 
 
 def test_reward_stream_packs_labels_and_resumes_exactly(tmp_path):

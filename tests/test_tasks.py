@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks import TASKS, get_task
+from tasks import TASKS, get_task, jsonl
 from tasks.base import MAX_COMPLETION_CHARS, SPLITS, Problem, completion_steps, final_answer, solution_text, split_of
 from tasks.countdown_solver import TRACE_MAX_LINES
-from tasks.files import ProblemFileError, read_problems, write_problems
+from tasks.files import FIELDS, REQUIRED, ProblemFileError, iter_problem_lines, read_problems, write_problems
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ARITHMETIC, COUNTDOWN, SUDOKU = (get_task(name) for name in ("arithmetic", "countdown", "sudoku"))
@@ -568,3 +568,196 @@ def test_malformed_problem_lines_are_named(tmp_path, bad_line, message):
     assert [p.id for p in problems] == ["a1", "a2"] and problems[0].difficulty == 0
     assert len(bad) == 1 and bad[0].startswith(f"{path}:3: ") and message in bad[0]
     assert ARITHMETIC.score(problems[0], "Answer: 14") == (1.0, "correct")
+
+
+# ---------------------------------------------------------------- hostile problem lines (tasks/jsonl.py)
+
+
+def _with(record_json: str, tail: str) -> bytes:
+    """A record's JSON with `tail` (raw JSON text, e.g. `"meta": [...]`) added as its last member."""
+    return (record_json[:-1] + ", " + tail + "}").encode()
+
+
+_GOOD_JSON = json.dumps(GOOD)
+DEEP = "[" * 3000 + "]" * 3000
+
+
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        (_with(_GOOD_JSON, f'"meta": {{"x": {DEEP}}}'), "nested too deeply"),
+        (DEEP.encode(), "nested too deeply"),
+        (b'{"a": ' * 5000 + b"1" + b"}" * 5000, "nested too deeply"),
+        (_with(_GOOD_JSON, '"meta": ' + "[" * (jsonl.MAX_DEPTH - 1) + "]" * (jsonl.MAX_DEPTH - 1)),
+         "'meta' must be an object, got list"),  # depth MAX_DEPTH is parsed (and then judged on its type)
+        (bytes(range(256)).replace(b"\n", b""), "not valid UTF-8"),
+        (b"\x00" * 64, "invalid JSON"),
+        (_GOOD_JSON.replace("a1", "a\x00").encode(), "invalid JSON: Invalid control character"),
+        (_GOOD_JSON.replace("a1", "a\xff").encode("latin-1"), "not valid UTF-8"),
+        (_GOOD_JSON.encode().replace(b"a1", b"a\xed\xa0\x80"), "not valid UTF-8"),  # a surrogate in UTF-8 form
+        (_GOOD_JSON.replace("a1", "a\\ud800").encode(), "lone surrogate"),
+        (_with(_GOOD_JSON, '"meta": {"x": NaN}'), "NaN is not standard JSON"),
+        (_with(_GOOD_JSON, '"meta": {"x": -Infinity}'), "-Infinity is not standard JSON"),
+        (_with(_GOOD_JSON, '"meta": {"x": 1e400}'), "number 1e400 is out of range"),
+        (_with(_GOOD_JSON, '"difficulty": ' + "9" * 5000), "digits"),
+        (_with(_GOOD_JSON, '"answer": "15"'), "duplicate key 'answer'"),
+        (b'"just a string"', "expected a JSON object, got str"),
+        (b"42", "expected a JSON object, got int"),
+        (b"null", "expected a JSON object, got NoneType"),
+        (json.dumps(GOOD | {"prompt": None}).encode(), "'prompt' must be a string, got NoneType"),
+        (json.dumps(GOOD | {"answer": 14}).encode(), "'answer' must be a string, got int"),
+        (json.dumps(GOOD | {"meta": [1]}).encode(), "'meta' must be an object, got list"),
+        (json.dumps(GOOD | {"steps": "2 + 12"}).encode(), "'steps' must be a list of strings, got str"),
+        (json.dumps(GOOD | {"difficulty": 1.5}).encode(), "'difficulty' must be an integer, got float"),
+    ],
+)
+def test_hostile_problem_lines_are_named_and_skipped(tmp_path, bad_line, message):
+    path = tmp_path / "problems.jsonl"
+    path.write_bytes(b"\n".join([_GOOD_JSON.encode(), b"", bad_line, json.dumps(GOOD | {"id": "a2"}).encode()]))
+    with pytest.raises(ProblemFileError) as error:
+        read_problems(path)
+    assert str(error.value).startswith(f"{path}:3: ") and message in str(error.value)
+    problems, bad = read_problems(path, skip_bad_lines=True)
+    assert [p.id for p in problems] == ["a1", "a2"]
+    assert len(bad) == 1 and bad[0].startswith(f"{path}:3: ") and message in bad[0]
+    assert len(bad[0]) <= len(f"{path}:3: ") + jsonl.MAX_REASON_CHARS and "\n" not in bad[0]
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting(tmp_path):
+    path = tmp_path / "problems.jsonl"
+    record = GOOD | {"meta": {"note": "[{" * 5000 + '\\"]'}, "steps": ["[" * 100]}
+    path.write_text(json.dumps(record) + "\n")
+    (problem,), bad = read_problems(path)
+    assert bad == [] and problem.meta == record["meta"] and problem.steps == tuple(record["steps"])
+
+
+def test_reports_stay_one_short_line_whatever_the_line_held(tmp_path):
+    path = tmp_path / "problems.jsonl"
+    lines = [json.dumps(GOOD | {"task": "x" * 100_000}), json.dumps(GOOD | {"\x1b[31mred\nkey": 1})]
+    path.write_text("\n".join(lines) + "\n")
+    _, bad = read_problems(path, skip_bad_lines=True)
+    assert [report.split(": ")[0] for report in bad] == [f"{path}:1", f"{path}:2"]
+    assert "unknown task 'xxx" in bad[0] and bad[0].endswith("...")
+    assert all(len(report) <= len(f"{path}:1: ") + jsonl.MAX_REASON_CHARS for report in bad)
+    assert "\\x1b[31mred\\x0akey" in bad[1] and not any(c in bad[1] for c in "\x1b\n")
+
+
+def _padded(size: int) -> bytes:
+    """GOOD as one line of exactly `size` bytes (its meta holds the padding)."""
+    line = _with(_GOOD_JSON, '"meta": {"pad": ""}')
+    return line.replace(b'"pad": ""', b'"pad": "' + b"p" * (size - len(line)) + b'"')
+
+
+def test_over_long_lines_are_read_in_bounded_chunks_and_skipped(tmp_path):
+    import tracemalloc
+
+    cap = jsonl.MAX_LINE_BYTES
+    path = tmp_path / "problems.jsonl"
+    path.write_bytes(_padded(cap) + b"\n" + _padded(cap + 1) + b"\n")  # exactly the cap, then one byte over
+    problems, bad = read_problems(path, skip_bad_lines=True)
+    assert len(problems) == 1 and len(problems[0].meta["pad"]) > cap // 2
+    assert bad == [f"{path}:2: line longer than {cap} bytes"]
+
+    with open(path, "wb") as f:
+        f.write(_GOOD_JSON.encode() + b"\n")
+        f.write(b"[" * (16 * cap) + b"\n")  # 16 MiB of nesting
+        f.write(_GOOD_JSON.encode() + b"\n")
+        f.write(b"\xff" * (3 * cap))  # an over-long last line without a newline
+    tracemalloc.start()
+    try:
+        problems, bad = read_problems(path, skip_bad_lines=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [p.id for p in problems] == ["a1", "a1"]
+    assert bad == [f"{path}:{n}: line longer than {cap} bytes" for n in (2, 4)]
+    assert peak < 3 * cap  # a line is read at most MAX_LINE_BYTES at a time: the 16 MiB were never held
+
+
+def test_a_file_that_is_not_there_still_raises(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        read_problems(tmp_path / "missing.jsonl", skip_bad_lines=True)
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _blank(line: bytes) -> bool:
+    """Whether the reader skips this line silently (it decodes, to whitespace only)."""
+    return _utf8(line) and not line.decode("utf-8").strip()
+
+
+def _splice(line: bytes, insert: bytes, fraction: float) -> bytes:
+    at = int(fraction * len(line))
+    return line[:at] + insert.replace(b"\n", b"") + line[at:]
+
+
+FUZZ_LINES = [(problem, json.dumps({key: getattr(problem, key) for key in FIELDS} | {"steps": list(problem.steps)},
+                                   ensure_ascii=False).encode()) for problem in _some_problems()]
+FUZZ_CAP = 2 * max(len(line) for _, line in FUZZ_LINES)  # the line cap while fuzzing, so long lines stay cheap
+_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
+_values = st.recursive(
+    _scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8,
+)
+_wrong_types = st.one_of(  # GOOD with one field of a type it must not have
+    st.tuples(st.sampled_from(REQUIRED), _values.filter(lambda value: not isinstance(value, str))),
+    st.tuples(st.just("difficulty"), _values.filter(lambda value: type(value) is not int)),
+    st.tuples(st.just("steps"), _values.filter(lambda v: type(v) is not list or any(type(s) is not str for s in v))),
+    st.tuples(st.just("meta"), _values.filter(lambda value: not isinstance(value, dict))),
+    st.tuples(st.just("split"), _values.filter(lambda value: value not in SPLITS)),
+).map(lambda pair: json.dumps(GOOD | dict([pair])).encode())
+_bad_lines = st.one_of(  # lines that can never be a problem
+    st.integers(jsonl.MAX_DEPTH, 600).map(lambda depth: _with(_GOOD_JSON, '"meta": ' + "[" * depth + "]" * depth)),
+    st.integers(FUZZ_CAP + 1, 4 * FUZZ_CAP).map(lambda size: b"{" * size),
+    st.binary(min_size=1, max_size=4).filter(lambda b: not _utf8(b)).map(
+        lambda b: _GOOD_JSON.encode().replace(b"a1", b"a" + b.replace(b"\n", b"\xff"))),
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999"]).map(
+        lambda constant: _with(_GOOD_JSON, f'"meta": {{"x": {constant}}}')),
+    st.sampled_from(REQUIRED).map(lambda key: _with(_GOOD_JSON, f'"{key}": "again"')),
+    _values.filter(lambda value: not isinstance(value, dict)).map(lambda value: json.dumps(value).encode()),
+    _wrong_types,
+)
+_lines = st.one_of(
+    st.sampled_from(FUZZ_LINES).map(lambda pair: ("good", pair)),
+    st.binary(max_size=300).map(lambda b: ("junk", b.replace(b"\n", b""))),  # bad unless blank
+    _bad_lines.map(lambda line: ("bad", line)),
+    st.builds(_splice, st.sampled_from([line for _, line in FUZZ_LINES]), st.binary(min_size=1, max_size=6),
+              st.floats(0, 1)).map(lambda line: ("either", line)),  # a good line with bytes spliced in
+)
+
+
+@FUZZ
+@given(lines=st.lists(_lines, max_size=12), crlf=st.booleans(), last_newline=st.booleans())
+def test_fuzz_problem_files_of_arbitrary_lines(lines, crlf, last_newline):
+    """Good lines come back as their problems, other non-blank lines are reported by number, nothing raises."""
+    import tempfile
+
+    raw = [line[1] if kind == "good" else line for kind, line in lines]
+    ending = b"\r\n" if crlf else b"\n"
+    with tempfile.TemporaryDirectory() as directory, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jsonl, "MAX_LINE_BYTES", FUZZ_CAP)
+        path = os.path.join(directory, "problems.jsonl")
+        with open(path, "wb") as f:
+            f.write(ending.join(raw) + (ending if last_newline else b""))
+        results = list(iter_problem_lines(path))
+        assert read_problems(path, skip_bad_lines=True) == (
+            [p for _, p in results if isinstance(p, Problem)], [p for _, p in results if isinstance(p, str)])
+    by_number = dict(results)
+    assert len(by_number) == len(results)  # one result per line
+    for number, (kind, line) in enumerate(lines, start=1):
+        got = by_number.pop(number, None)
+        if kind == "good":
+            assert got == line[0]
+        elif kind != "bad" and _blank(line):
+            assert got is None
+        elif kind == "either":
+            assert isinstance(got, Problem) or got.startswith(f"{path}:{number}: ")
+        else:
+            assert isinstance(got, str) and got.startswith(f"{path}:{number}: "), (kind, line[:200], got)
+    assert by_number == {}  # nothing under a number no line has

@@ -29,7 +29,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--out", required=True, help="output .jsonl path (written atomically)")
     export.set_defaults(func=run_export)
 
-    check = commands.add_parser("check", help="validate a problem file line by line")
+    check = commands.add_parser(
+        "check",
+        help="validate a problem file line by line",
+        description="Validate each line of a problem file. A bad line (invalid JSON or fields, not UTF-8, "
+        "too long, nested too deeply, NaN or Infinity, a duplicate key) is named by file, line and reason; "
+        "without --skip-bad-lines the first one is an error (exit 2), with it each is reported and skipped "
+        "(exit 1).",
+    )
     check.add_argument("path")
     check.add_argument("--skip-bad-lines", action="store_true", help="report malformed lines instead of failing")
     check.set_defaults(func=run_check)

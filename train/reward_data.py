@@ -36,6 +36,7 @@ import numpy as np
 from configs.fileio import atomic_open
 from configs.schema import Config
 from tasks.base import ANSWER_PREFIX, SPLITS, Problem
+from tasks.jsonl import BadLine, iter_json_lines
 from train.data.vocab import get_vocabulary
 from train.host_state import DataStateError, load_host_state, save_host_state
 
@@ -130,21 +131,19 @@ def _expect(ok: bool, key: str, description: str, value: Any) -> None:
 
 
 def read_reward_records(path: str | os.PathLike) -> list[RewardRecord]:
-    """Every record of a reward data file; a bad line raises RewardDataError naming `file:line`."""
+    """Every record of a reward data file; the first bad line raises RewardDataError naming `file:line`.
+
+    Lines are read by tasks/jsonl.py (bounded, strict UTF-8, nesting checked), so whatever a line
+    holds, the error is this one.
+    """
     path = Path(path)
     if not path.is_file():
         raise RewardDataError(f"{path}: no such reward data file (make one with `ponder reward data`)")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(RewardRecord.from_json(json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise RewardDataError(f"{path}:{number}: invalid JSON: {err}") from None
-            except ValueError as err:
-                raise RewardDataError(f"{path}:{number}: {err}") from None
+    for _, parsed in iter_json_lines(path, RewardRecord.from_json):
+        if isinstance(parsed, BadLine):
+            raise RewardDataError(str(parsed))
+        records.append(parsed)
     if not records:
         raise RewardDataError(f"{path}: no records")
     return records
@@ -233,7 +232,8 @@ class RewardData:
         self.host_batch_size = cfg.data.batch_size // self.num_shards
         path = Path(cfg.reward.data)
         records = read_reward_records(path)
-        self.file_digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        with open(path, "rb") as f:
+            self.file_digest = hashlib.file_digest(f, "sha256").hexdigest()
         vocab = get_vocabulary(cfg.data.vocab)
         fraction = cfg.reward.eval_fraction
         wanted = [r for r in records if held_out(r.problem.id, fraction) == (split == "validation")]
