@@ -21,7 +21,7 @@ from configs.load import ConfigError, load_config
 from configs.schema import Config
 
 # Module names under tools/, in the order --help lists them.
-COMMANDS = ("demo", "info", "train", "rl", "generate", "search", "reward", "data", "vocab", "bench")
+COMMANDS = ("demo", "info", "train", "rl", "generate", "search", "reward", "data", "vocab", "bench", "launch")
 
 DESCRIPTION = """\
 ponder is a JAX/TPU-first stack for reasoning models: pretrain a Flax NNX transformer on a
@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="simulate N CPU devices (sets XLA_FLAGS before jax is imported); give it before the subcommand",
     )
+    job = parser.add_argument_group("multi-process jobs (or PONDER_COORDINATOR, PONDER_NUM_PROCESSES, "
+                                    "PONDER_PROCESS_ID; TPU pods and SLURM are detected)")
+    job.add_argument("--coordinator", metavar="HOST:PORT", default=None, help="process 0's address, the same for all")
+    job.add_argument("--num-processes", type=_positive_int, metavar="N", default=None, help="processes in the job")
+    job.add_argument("--process-id", type=int, metavar="I", default=None, help="this process's index, 0..N-1")
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"tools.{name}").add_parser(subparsers)
@@ -90,12 +95,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         sys.exit(2)
-    from model.sharding import MeshError  # imports jax: only after XLA_FLAGS is final
+    from model import distributed  # imports jax: only after XLA_FLAGS is final
+    from model.sharding import MeshError
     from tasks.files import ProblemFileError
 
     try:
+        if args.command != "launch":  # a launcher starts a job's processes; it is none of them
+            distributed.start(args.coordinator, args.num_processes, args.process_id)
         status = args.func(args)
-    except (ConfigError, MeshError, ProblemFileError, FileNotFoundError) as err:
+    except (ConfigError, MeshError, ProblemFileError, FileNotFoundError, distributed.DistributedError) as err:
         print(f"ponder {args.command}: error: {err}", file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:  # `ponder info | head`: the reader left; exit quietly

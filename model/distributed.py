@@ -1,0 +1,190 @@
+"""Joining a multi-process JAX job: one process per host, the same program everywhere.
+
+    spec = job_spec(coordinator, num_processes, process_id)   # None: a single-process run
+    if spec: join_job(spec)                                    # before jax computes anything
+
+A process is one of many when it is told so (`--coordinator HOST:PORT --num-processes N
+--process-id I`, or the same as PONDER_COORDINATOR / PONDER_NUM_PROCESSES / PONDER_PROCESS_ID,
+which `ponder launch local` sets) or when its environment is a cluster JAX can read itself
+(a multi-host TPU VM or GKE TPU pod, a SLURM job of several tasks). Start-up must fail with
+a message, not hang or abort: JAX's coordination client aborts the process (SIGABRT, no
+Python exception) when the coordinator stays silent, so ponder probes the coordinator's port
+first and keeps a watchdog that reports what to check before JAX's own deadline fires.
+After joining, the processes compare what they declared and what they run (process count,
+devices per host, jax and ponder versions) and stop naming the first difference.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Mapping
+from importlib.metadata import PackageNotFoundError, version
+
+ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "PONDER_COORDINATOR", "PONDER_NUM_PROCESSES", "PONDER_PROCESS_ID"
+ENV_TIMEOUT = "PONDER_INIT_TIMEOUT"
+DEFAULT_TIMEOUT_S = 300
+JAX_GRACE_S = 30  # JAX's own deadline is set this much later, so ponder's clearer report comes first
+
+
+class DistributedError(RuntimeError):
+    """This process cannot join its job; the message says what to check."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """How this process joins its job: explicit (coordinator, count, id), or `auto` (JAX reads the cluster)."""
+
+    coordinator: str | None
+    num_processes: int | None
+    process_id: int | None
+    source: str  # "flags", "environment", or the cluster kind JAX detects ("tpu", "slurm")
+    timeout_s: int = DEFAULT_TIMEOUT_S
+
+    @property
+    def auto(self) -> bool:
+        return self.coordinator is None
+
+
+def job_spec(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+             timeout_s: int | None = None, environ: Mapping[str, str] | None = None) -> JobSpec | None:
+    """The job this process belongs to, or None when it runs alone; flags win over PONDER_* variables."""
+    environ = os.environ if environ is None else environ
+    timeout_s = timeout_s or int(environ.get(ENV_TIMEOUT, DEFAULT_TIMEOUT_S))
+    given = (coordinator, num_processes, process_id)
+    source = "flags"
+    if all(value is None for value in given):
+        given = tuple(environ.get(name) for name in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID))
+        source = "environment"
+    if any(value is not None for value in given):
+        if any(value is None for value in given):
+            names = ("--coordinator/" + ENV_COORDINATOR, "--num-processes/" + ENV_NUM_PROCESSES,
+                     "--process-id/" + ENV_PROCESS_ID)
+            missing = [name for name, value in zip(names, given, strict=True) if value is None]
+            raise DistributedError(f"a multi-process run needs all three of coordinator, process count and id; "
+                                   f"missing {', '.join(missing)}")
+        address = str(given[0])
+        count, index = _integer(given[1], "number of processes"), _integer(given[2], "process id")
+        if count < 1 or not 0 <= index < count:
+            raise DistributedError(f"process id {index} is not in 0..{count - 1} (number of processes {count})")
+        if ":" not in address:
+            raise DistributedError(f"coordinator {address!r} must be HOST:PORT")
+        return None if count == 1 else JobSpec(address, count, index, source, timeout_s)
+    cluster = detect_cluster(environ)
+    return JobSpec(None, None, None, cluster, timeout_s) if cluster else None
+
+
+def detect_cluster(environ: Mapping[str, str]) -> str | None:
+    """The multi-process cluster JAX can configure itself from this environment ("tpu", "slurm"), or None."""
+    hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(hosts) > 1 or "MEGASCALE_COORDINATOR_ADDRESS" in environ:
+        return "tpu"
+    if int(environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in environ:
+        return "slurm"
+    return None
+
+
+def start(coordinator: str | None = None, num_processes: int | None = None,
+          process_id: int | None = None) -> JobSpec | None:
+    """Joins this process's job if it belongs to one (see `job_spec`); call it before jax computes anything."""
+    spec = job_spec(coordinator, num_processes, process_id)
+    if spec is not None:
+        join_job(spec)
+    return spec
+
+
+def join_job(spec: JobSpec) -> None:
+    """Calls jax.distributed.initialize for `spec`, then checks that every process agrees on the job."""
+    import jax
+
+    # CPU devices of different processes talk through gloo; accelerators ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    what = (f"process {spec.process_id} of {spec.num_processes} with coordinator {spec.coordinator}"
+            if not spec.auto else f"a {spec.source} job (detected from the environment)")
+    if not spec.auto and spec.process_id != 0:
+        _wait_for_port(spec.coordinator, spec.timeout_s)
+    done = threading.Event()
+    watchdog = threading.Thread(target=_watchdog, args=(done, spec, what), daemon=True)
+    watchdog.start()
+    try:
+        if spec.auto:
+            jax.distributed.initialize(initialization_timeout=spec.timeout_s + JAX_GRACE_S)
+        else:
+            jax.distributed.initialize(spec.coordinator, spec.num_processes, spec.process_id,
+                                       initialization_timeout=spec.timeout_s + JAX_GRACE_S)
+    except Exception as err:  # JAX raises for bad arguments or a failed cluster detection
+        raise DistributedError(f"could not join {what}: {err}") from err
+    finally:
+        done.set()
+    check_agreement(spec)
+
+
+def check_agreement(spec: JobSpec) -> None:
+    """Every process declared the same count and runs the same devices per host and versions; else DistributedError."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if spec.num_processes is not None and spec.num_processes != jax.process_count():
+        raise DistributedError(f"this process was started with --num-processes {spec.num_processes} but the job "
+                               f"has {jax.process_count()} processes: start every process with the same count")
+    mine = {"devices per host": jax.local_device_count(), "jax": _crc(jax.__version__),
+            "ponder": _crc(_ponder_version())}
+    everyone = np.asarray(multihost_utils.process_allgather(np.asarray(list(mine.values()), np.int64)))
+    for column, name in enumerate(mine):
+        values = everyone[:, column]
+        if (values != values[0]).any():
+            odd = int(np.flatnonzero(values != values[0])[0])
+            detail = (f"{int(values[0])} on process 0, {int(values[odd])} on process {odd}"
+                      if name == "devices per host" else f"process {odd} runs another {name} version than process 0")
+            raise DistributedError(f"the processes of this job disagree on {name}: {detail}")
+
+
+def _watchdog(done: threading.Event, spec: JobSpec, what: str) -> None:
+    """Reports and exits (status 2) when joining takes longer than the timeout, before JAX aborts the process."""
+    if done.wait(spec.timeout_s):
+        return
+    count = f"all {spec.num_processes} processes" if spec.num_processes else "every process of the job"
+    print(f"ponder: error: could not join {what} within {spec.timeout_s} s. Check that {count} were started, "
+          "each with the same --num-processes and its own --process-id, and that the coordinator address "
+          f"is reachable from every host ({ENV_TIMEOUT} sets the timeout).", file=sys.stderr, flush=True)
+    os._exit(2)
+
+
+def _wait_for_port(address: str, timeout_s: float) -> None:
+    """Waits until the coordinator accepts TCP connections; DistributedError naming it after `timeout_s`."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as err:
+            if time.monotonic() > deadline:
+                raise DistributedError(
+                    f"the coordinator {address} did not answer within {timeout_s} s ({err}). Check that process 0 "
+                    "is running, that the address and port are right, and that this host can reach it."
+                ) from None
+            time.sleep(0.25)
+
+
+def _integer(value, name: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DistributedError(f"the {name} must be an integer, got {value!r}") from None
+
+
+def _crc(text: str) -> int:
+    return zlib.crc32(text.encode())
+
+
+def _ponder_version() -> str:
+    try:
+        return version("ponder")
+    except PackageNotFoundError:
+        return "unknown"
