@@ -129,18 +129,19 @@ def check_agreement(spec: JobSpec) -> None:
     import numpy as np
     from jax.experimental import multihost_utils
 
-    if spec.num_processes is not None and spec.num_processes != jax.process_count():
-        raise DistributedError(f"this process was started with --num-processes {spec.num_processes} but the job "
-                               f"has {jax.process_count()} processes: start every process with the same count")
-    mine = {"devices per host": jax.local_device_count(), "jax": _crc(jax.__version__),
-            "ponder": _crc(_ponder_version())}
+    declared = spec.num_processes if spec.num_processes is not None else jax.process_count()
+    mine = {"number of processes": declared, "devices per host": jax.local_device_count(),
+            "jax": _crc(jax.__version__), "ponder": _crc(_ponder_version())}
     everyone = np.asarray(multihost_utils.process_allgather(np.asarray(list(mine.values()), np.int64)))
+    if declared != jax.process_count():
+        raise DistributedError(f"this process was started with --num-processes {declared} but the job has "
+                               f"{jax.process_count()} processes: start every process with the same count")
     for column, name in enumerate(mine):
         values = everyone[:, column]
         if (values != values[0]).any():
             odd = int(np.flatnonzero(values != values[0])[0])
-            detail = (f"{int(values[0])} on process 0, {int(values[odd])} on process {odd}"
-                      if name == "devices per host" else f"process {odd} runs another {name} version than process 0")
+            detail = (f"{int(values[0])} on process 0, {int(values[odd])} on process {odd}" if column < 2
+                      else f"process {odd} runs another {name} version than process 0")
             raise DistributedError(f"the processes of this job disagree on {name}: {detail}")
 
 

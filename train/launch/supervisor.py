@@ -8,8 +8,9 @@ over ssh or a cluster client. Only `start` (Worker -> a running process with a r
 stdout) differs between them, so it is a parameter. The rest is the same everywhere: each
 line a host prints is shown as `[host i] ...` and appended to `log_dir/host-i.log`; SIGTERM
 and SIGINT to the supervisor reach every host; when one host fails the others are stopped
-(a JAX job cannot go on without one of its processes); the job's exit status is the worst
-of its hosts'.
+(a JAX job cannot go on without one of its processes); the job's exit status is that of
+the host that failed first (the ones stopped because of it do not count), else the worst of
+its hosts'.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def exit_status(returncode: int) -> int:
 
 
 class Supervisor:
-    """Runs the workers to the end as one job; `run()` returns the worst exit status among them."""
+    """Runs the workers to the end as one job; `run()` returns the job's exit status (see the module docstring)."""
 
     def __init__(self, workers: list[Worker], *, start: Callable[[Worker], subprocess.Popen] = start_local,
                  log_dir: str | os.PathLike | None = None, out: IO[str] | None = None,
@@ -63,6 +64,7 @@ class Supervisor:
         self.processes: list[subprocess.Popen] = []
         self.statuses: dict[int, int] = {}
         self.stopping: str | None = None  # why the supervisor is stopping the job, once it is
+        self.failure: int | None = None  # the status of the host that failed first, unless a signal stopped the job
         self._lock = threading.Lock()
         self._signals = 0
 
@@ -85,7 +87,7 @@ class Supervisor:
             for reader in readers:
                 reader.join(timeout=5)
             self._restore_signal_handlers(previous)
-        return max(self.statuses.values(), default=1)
+        return self.failure if self.failure is not None else max(self.statuses.values(), default=1)
 
     def _wait(self) -> None:
         """Polls until every process has exited; the first failure stops the rest."""
@@ -96,6 +98,7 @@ class Supervisor:
                     continue
                 status = self.statuses[worker.index] = exit_status(process.returncode)
                 if status != 0 and self.stopping is None:
+                    self.failure = status
                     self._stop(f"{worker.name} exited with status {status}; stopping the other hosts")
             if self.stopping is not None and deadline is None:
                 deadline = time.monotonic() + self.stop_grace_s
