@@ -145,6 +145,43 @@ def check_agreement(spec: JobSpec) -> None:
             raise DistributedError(f"the processes of this job disagree on {name}: {detail}")
 
 
+def check_shared_directory(directory: str | os.PathLike) -> None:
+    """Every process sees the same `directory` (process 0 writes a nonce, all read it); else DistributedError.
+
+    A run directory on a path each host resolves to its own disk would split checkpoints
+    over the hosts; this catches it at start-up instead of at the first restore.
+    """
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from configs.fileio import run_path, write_atomic
+
+    if jax.process_count() == 1:
+        return
+    draw = np.asarray(np.random.default_rng().integers(1 << 30, dtype=np.int32))
+    nonce = int(multihost_utils.broadcast_one_to_all(draw))
+    marker = run_path(directory) / f".ponder-hosts-{nonce:x}"
+    if jax.process_index() == 0:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(marker, str(nonce))
+    multihost_utils.sync_global_devices(f"ponder: {marker} written")
+    try:
+        sees = marker.exists() and marker.read_text() == str(nonce)
+    except OSError:
+        sees = False
+    everyone = np.asarray(multihost_utils.process_allgather(np.asarray([sees])))[:, 0]
+    multihost_utils.sync_global_devices(f"ponder: {marker} read")
+    if jax.process_index() == 0:
+        marker.unlink()
+    if not everyone.all():
+        blind = ", ".join(str(i) for i in np.flatnonzero(~everyone))
+        raise DistributedError(
+            f"{directory}: process(es) {blind} do not see the file process 0 wrote there, so each host sees its "
+            "own local disk: use a directory every host shares, such as gs://BUCKET/run or a shared filesystem"
+        )
+
+
 def _watchdog(done: threading.Event, spec: JobSpec, what: str) -> None:
     """Reports and exits (status 2) when joining takes longer than the timeout, before JAX aborts the process."""
     if done.wait(spec.timeout_s):
