@@ -1,14 +1,12 @@
 """Native CPU kernels behind XLA custom calls (`jax.ffi`), compiled on first use.
 
 Two kernels serve a decode step (`kernels/`, see each file's header):
-- `paged_attention.cc`: one-token paged attention, one call per layer. XLA:CPU runs it as
-  some fifty small ops per layer, a third of a decode step of the `small` model though it
-  does a tenth of the step's arithmetic.
-- `small_matmul.cc`: x @ w for at most 8 rows, reading each weight once, from a copy laid
-  out strip by strip that a decode loop makes once (`decode_weight`). XLA's Eigen GEMM packs
-  the weight matrix on every call, and a decode step of a small model is mostly a pass over
-  its weights.
-They are used only where they apply (`decode_attention_kernel_applies`, `decode_matmul`):
+- `paged_attention.cc`: one-token paged attention, one call per layer, in place of the
+  many small ops XLA:CPU makes of it.
+- `small_matmul.cc`: x @ w for at most 8 rows, reading each weight once from a copy packed
+  strip by strip (`model/decode.py` makes it once per decode loop); XLA's Eigen GEMM packs
+  the weight anew on every call.
+They are used only where they apply (`decode_attention_kernel_applies`, `kernels_may_run`):
 lowering for CPU, float32, and every device computing on its own rows. Everywhere else,
 TPU and GPU included, XLA's ops run (`model/paged.py: attend_paged_xla`, a plain dot),
 the kernels' references in the tests.
@@ -16,20 +14,23 @@ the kernels' references in the tests.
 The sources are compiled into one library with the machine's C++ compiler (`$CXX`, else
 `c++`, `g++`) against the XLA FFI headers that ship with jaxlib, into
 `$PONDER_CACHE_DIR/kernels` (default `~/.cache/ponder/kernels`), once per source, compiler
-flags, jaxlib and CPU; a later process loads the cached library. When there is no compiler
-or the build fails, ponder warns once and keeps XLA's ops. `PONDER_CPU_KERNELS=0` turns the
-kernels off."""
+flags, jaxlib and CPU; a later process loads the cached library. Since anyone can compute
+its name, the cache is trusted only if the directory and the library are the current
+user's and writable by no one else (new directories are made 0700); otherwise ponder warns
+and builds a private copy. When there is no compiler or the build fails, ponder warns once
+and keeps XLA's ops. `PONDER_CPU_KERNELS=0` turns the kernels off."""
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import dataclasses
 import functools
 import hashlib
-import math
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -82,23 +83,28 @@ def _cpu_identity() -> str:
     return "\n".join(dict.fromkeys(lines))
 
 
-def _build(compiler: str) -> Path:
-    """The library of SOURCES for these flags, jaxlib and CPU, built if the cache lacks it."""
+def _library_name(compiler: str) -> str:
+    """The cached library's file name: a hash of SOURCES, FLAGS, jaxlib, the compiler and the CPU."""
     import jaxlib
 
     sources = [path.read_bytes() for path in SOURCES]
     key = hashlib.sha256(b"\0".join([*sources, " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
                                      compiler.encode(), _cpu_identity().encode()])).hexdigest()[:16]
-    target = cache_dir() / f"ponder_cpu_kernels-{key}.so"
-    if target.exists():
-        return target
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError:  # an unwritable home: build into the temporary directory instead
-        target = Path(tempfile.gettempdir()) / f"ponder-kernels-{os.getuid()}" / target.name
-        if target.exists():
+    return f"ponder_cpu_kernels-{key}.so"
+
+
+def _build(compiler: str) -> Path:
+    """The library of SOURCES for these flags, jaxlib and CPU: the cached one if it can be trusted, else built."""
+    directory = _trusted_cache_dir()
+    if directory is None:  # build where no one else can write: a fresh private directory, removed at exit
+        directory = Path(tempfile.mkdtemp(prefix="ponder-kernels-"))
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    target = directory / _library_name(compiler)
+    if os.path.lexists(target):
+        problem = _untrusted(target, directory=False)
+        if problem is None:
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
+        warnings.warn(f"ponder: not loading {target}: {problem}; building a new one in its place", stacklevel=3)
     # Built under a temporary name and renamed: processes building at once each get a whole file.
     with atomic_path(target, mode=0o755) as tmp:
         cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", str(tmp)]
@@ -106,6 +112,37 @@ def _build(compiler: str) -> Path:
         if result.returncode != 0:
             raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{result.stderr[-2000:]}")
     return target
+
+
+def _trusted_cache_dir() -> Path | None:
+    """`cache_dir()`, made 0700 where missing, if it can be trusted; None (with a warning if it exists
+    but cannot be trusted) when the kernels must be built privately instead."""
+    directory = cache_dir()
+    try:
+        missing = [path for path in (directory, *directory.parents) if not os.path.lexists(path)]
+        for path in reversed(missing):
+            path.mkdir(mode=0o700, exist_ok=True)
+        problem = _untrusted(directory, directory=True)
+    except OSError:  # an unwritable home, say
+        return None
+    if problem is not None:
+        warnings.warn(f"ponder: not using the kernel cache {directory}: {problem}; building a private copy "
+                      f"(make it yours and `chmod go-w` it to cache the kernels again)", stacklevel=4)
+        return None
+    return directory
+
+
+def _untrusted(path: Path, *, directory: bool) -> str | None:
+    """Why `path` may hold a library someone else planted, or None: it must be the current user's,
+    a directory (followed through links) or a regular file (not a link), and writable by no one else."""
+    info = os.stat(path) if directory else os.lstat(path)
+    if not (stat.S_ISDIR if directory else stat.S_ISREG)(info.st_mode):
+        return "not a directory" if directory else "not a regular file"
+    if info.st_uid != os.getuid():
+        return f"owned by uid {info.st_uid}, not by this user ({os.getuid()})"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"writable by group or others (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
 
 
 _registered: Path | None = None  # the library whose handler XLA holds (a target registers once per process)
@@ -148,10 +185,10 @@ def decode_attention_kernel_applies(q, cache) -> bool:
     """
     if q.shape[1] != 1 or q.dtype != jnp.float32 or cache.k.dtype != jnp.float32:
         return False
-    return _may_run_here()
+    return kernels_may_run()
 
 
-def _may_run_here() -> bool:
+def kernels_may_run() -> bool:
     """CPU is JAX's default backend, every mesh axis of more than one device is manual, and the kernels built."""
     if jax.default_backend() != "cpu":  # an accelerator host lowers for its accelerator: build nothing there
         return False
@@ -176,62 +213,11 @@ def paged_decode_attention(q, cache, layer, page_table, lengths, num_new) -> jax
     return out[:, None]
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class DecodeWeight:
-    """A weight [K, N] in the small-matmul kernel's layout: packed [N / 16, K, 16], each strip of 16
-    output columns one contiguous run (`decode_weight` makes it once, outside a decode loop)."""
+def small_matmul(x: jax.Array, packed: jax.Array) -> jax.Array:
+    """x [rows <= 8, K] float32 @ a weight packed [N / 16, K, 16] (`model.decode.DecodeWeight`) -> [rows, N].
 
-    packed: jax.Array
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        strips, k, strip = self.packed.shape
-        return k, strips * strip
-
-    def unpacked(self) -> jax.Array:
-        """The [K, N] weight again (for XLA's dot where the kernel does not apply)."""
-        return unpack(self.packed)
-
-
-def unpack(packed: jax.Array) -> jax.Array:
-    """[N / 16, K, 16] -> [K, N]: `decode_weight`'s packing undone."""
-    strips, k, strip = packed.shape
-    return packed.transpose(1, 0, 2).reshape(k, strips * strip)
-
-
-def decode_weight(w: jax.Array, rows: int, dtype) -> jax.Array | DecodeWeight:
-    """`w` [K, N] as `decode_matmul` reads it fastest for `rows` rows computed in `dtype`.
-
-    Where the kernel applies (at most 8 rows, float32 weight and compute, N a multiple of 16,
-    the conditions of `decode_attention_kernel_applies`): a `DecodeWeight`, a packed copy made
-    here, once, and read by the kernel on every token. Anywhere else `w` itself.
+    Lower for CPU only, where `kernels_may_run` (see `model.decode.decode_matmul`).
     """
-    if (rows > MATMUL_MAX_ROWS or w.ndim != 2 or w.shape[1] % MATMUL_COLUMN_MULTIPLE or w.dtype != jnp.float32
-            or jnp.dtype(dtype) != jnp.float32 or not _may_run_here()):
-        return w
-    k, n = w.shape
-    return DecodeWeight(w.reshape(k, n // MATMUL_COLUMN_MULTIPLE, MATMUL_COLUMN_MULTIPLE).transpose(1, 0, 2))
-
-
-def decode_matmul(x, w: jax.Array | DecodeWeight) -> jax.Array:
-    """x @ w for a decode step (computed in x's dtype), by the native small-batch kernel where it applies.
-
-    x: [..., K]. The kernel serves a `DecodeWeight` (from `decode_weight`) with at most 8 rows of
-    float32 x, under the conditions of `decode_attention_kernel_applies`; anything else is
-    XLA's dot. Not differentiable: for the decode path (`Block.paged` with `sliced_layers`) only.
-    """
-    if not isinstance(w, DecodeWeight):
-        return x @ w.astype(x.dtype)
-    rows = math.prod(x.shape[:-1])
-    if rows > MATMUL_MAX_ROWS or x.dtype != jnp.float32 or not _may_run_here():
-        return x @ w.unpacked().astype(x.dtype)
-    flat = x.reshape(rows, x.shape[-1])
-    out = jax.lax.platform_dependent(flat, w.packed, cpu=_small_matmul, default=lambda x, p: x @ unpack(p))
-    return out.reshape(*x.shape[:-1], w.shape[1])
-
-
-def _small_matmul(x, packed):
     strips, _, strip = packed.shape
     call = jax.ffi.ffi_call(MATMUL_TARGET, jax.ShapeDtypeStruct((x.shape[0], strips * strip), jnp.float32),
                             vmap_method="sequential")

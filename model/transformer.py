@@ -6,6 +6,7 @@ the SwiGLU MLP, one block, the whole model. Every parameter carries logical axis
 the leading axis of every block parameter) and run with `lax.scan` or unrolled.
 
 Params are float32 (configurable); compute runs in `cfg.dtype`; logits come out float32.
+On CPU the sampler's decode loop computes `decode` from its own weight layout (`model/decode.py`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs.schema import ModelConfig
-from model.cpu_kernels import decode_matmul, decode_weight
 from model.paged import PagedKVCache, attend_paged, write_pages
 from model.sharding import Rules, constrain
 
@@ -31,6 +31,13 @@ def _fan_in(in_axis, out_axis):
     return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis)
 
 
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """x: [..., E] normed over its last axis in float32, times scale [E], in x's dtype."""
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
 class RMSNorm(nnx.Module):
     """Root-mean-square norm with a learned scale, computed in float32 (as HF Llama does)."""
 
@@ -39,9 +46,7 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+        return rms_norm(x, self.scale[...], self.eps)
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -70,31 +75,15 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.implementation = None if cfg.attention == "auto" else cfg.attention
 
-    def fused_qkv(self) -> jax.Array:
-        """wq, wk, wv side by side as one [E, (heads + 2 kv_heads) * head_dim] matrix (see `sliced_layers`)."""
-        return jnp.concatenate([w[...].reshape(w.shape[0], -1) for w in (self.wq, self.wk, self.wv)], axis=1)
-
-    def _qkv(self, x: jax.Array, positions: jax.Array, fused: jax.Array | None = None):
+    def _qkv(self, x: jax.Array, positions: jax.Array):
         dt = x.dtype
-        if fused is None:
-            q = jnp.einsum("bte,end->btnd", x, self.wq[...].astype(dt))
-            k = jnp.einsum("bte,ekd->btkd", x, self.wk[...].astype(dt))
-            v = jnp.einsum("bte,ekd->btkd", x, self.wv[...].astype(dt))
-        else:  # one matmul instead of three
-            (n, d), kv = self.wq.shape[1:], self.wk.shape[1]
-            qkv = decode_matmul(x, fused).reshape(*x.shape[:2], n + 2 * kv, d)
-            q, k, v = qkv[:, :, :n], qkv[:, :, n : n + kv], qkv[:, :, n + kv :]
+        q = jnp.einsum("bte,end->btnd", x, self.wq[...].astype(dt))
+        k = jnp.einsum("bte,ekd->btkd", x, self.wk[...].astype(dt))
+        v = jnp.einsum("bte,ekd->btkd", x, self.wv[...].astype(dt))
         return rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta), v
 
-    def flat_out(self) -> jax.Array:
-        """wo as one [heads * head_dim, E] matrix (see `sliced_layers`)."""
-        return self.wo[...].reshape(-1, self.wo.shape[-1])
-
-    def _out(self, attended: jax.Array, flat: jax.Array | None = None) -> jax.Array:
-        if flat is None:
-            return jnp.einsum("btnd,nde->bte", attended, self.wo[...].astype(attended.dtype))
-        # heads and head_dim as one contracting axis: XLA need not lay out (or copy) wo anew
-        return decode_matmul(attended.reshape(*attended.shape[:2], -1), flat)
+    def _out(self, attended: jax.Array) -> jax.Array:
+        return jnp.einsum("btnd,nde->bte", attended, self.wo[...].astype(attended.dtype))
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         """Causal self-attention over a whole sequence; packed segments do not see each other.
@@ -108,16 +97,14 @@ class Attention(nnx.Module):
         attended = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=self.implementation)
         return self._out(attended)
 
-    def paged(self, x, positions, layer, cache: PagedKVCache, page_table, lengths, num_new, fused_qkv=None,
-              flat_out=None):
+    def paged(self, x, positions, layer, cache: PagedKVCache, page_table, lengths, num_new):
         """Attention for new tokens against a row's pages, writing their keys/values first.
 
-        x: [B, T, E]; positions: [B, T]; page_table: [B, P]; lengths, num_new: [B];
-        fused_qkv, flat_out: `fused_qkv()` and `flat_out()` taken from outside a decode loop, or None.
+        x: [B, T, E]; positions: [B, T]; page_table: [B, P]; lengths, num_new: [B].
         """
-        q, k, v = self._qkv(x, positions, fused_qkv)
+        q, k, v = self._qkv(x, positions)
         cache = write_pages(cache, layer, k, v, page_table, lengths, num_new)
-        return self._out(attend_paged(q, cache, layer, page_table, lengths, num_new), flat_out), cache
+        return self._out(attend_paged(q, cache, layer, page_table, lengths, num_new)), cache
 
 
 class MLP(nnx.Module):
@@ -129,18 +116,9 @@ class MLP(nnx.Module):
         self.w_up = _param(rngs, _fan_in(0, 1), (e, f), ("embed", "mlp"), pdt)
         self.w_down = _param(rngs, _fan_in(0, 1), (f, e), ("mlp", "embed"), pdt)
 
-    def fused_gate_up(self) -> jax.Array:
-        """w_gate and w_up side by side as one [E, 2 * mlp] matrix (see `sliced_layers`)."""
-        return jnp.concatenate([self.w_gate[...], self.w_up[...]], axis=1)
-
-    def __call__(self, x: jax.Array, fused_gate_up=None, down=None) -> jax.Array:
-        """fused_gate_up, down: `fused_gate_up()` and w_down from `sliced_layers` (the decode path), or None."""
+    def __call__(self, x: jax.Array) -> jax.Array:
         dt = x.dtype
-        if fused_gate_up is None:
-            gate, up = x @ self.w_gate[...].astype(dt), x @ self.w_up[...].astype(dt)
-        else:  # one matmul instead of two; the decode path (see `sliced_layers`)
-            gate, up = jnp.split(decode_matmul(x, fused_gate_up), 2, axis=-1)
-            return decode_matmul(jax.nn.silu(gate) * up, self.w_down[...] if down is None else down)
+        gate, up = x @ self.w_gate[...].astype(dt), x @ self.w_up[...].astype(dt)
         return (jax.nn.silu(gate) * up) @ self.w_down[...].astype(dt)
 
 
@@ -158,13 +136,11 @@ class Block(nnx.Module):
         x = x + self.attn(self.attn_norm(x), positions, segment_ids)
         return x + self.mlp(self.mlp_norm(x))
 
-    def paged(self, x, positions, layer, cache, page_table, lengths, num_new, fused=None):
-        """fused: {"qkv", "out", "gate_up", "down"} weights from `Transformer.sliced_layers`, or None."""
-        fused = fused or {}
-        attended, cache = self.attn.paged(self.attn_norm(x), positions, layer, cache, page_table, lengths, num_new,
-                                          fused.get("qkv"), fused.get("out"))
+    def paged(self, x, positions, layer, cache, page_table, lengths, num_new):
+        """The block for new tokens against the paged cache (see `Attention.paged`); returns (x, cache)."""
+        attended, cache = self.attn.paged(self.attn_norm(x), positions, layer, cache, page_table, lengths, num_new)
         x = x + attended
-        return x + self.mlp(self.mlp_norm(x), fused.get("gate_up"), fused.get("down")), cache
+        return x + self.mlp(self.mlp_norm(x)), cache
 
 
 class ScalarHead(nnx.Module):
@@ -207,59 +183,22 @@ class Transformer(nnx.Module):
 
     # -- pieces shared by the full forward and paged decode --
 
-    def _embed(self, tokens: jax.Array) -> jax.Array:
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """Input embeddings [B, T, E] in the compute dtype for tokens [B, T]."""
         # Gather from a whole table (FSDP gathers every weight before use anyway): from a split
         # table XLA cannot move the gathered rows to the batch sharding without replicating them.
         table = constrain(self.embed[...].astype(jnp.dtype(self.cfg.dtype)), (None, None), self.rules)
         x = jnp.take(table, tokens, axis=0)
         return constrain(x, BATCH_LENGTH_EMBED, self.rules)
 
-    def sliced_layers(self, rows: int | None = None) -> tuple:
-        """Each layer's parameters as its own arrays (a copy of the blocks' weights), with fused matrices.
-
-        Returns per layer (state, {"qkv": [E, (heads + 2 kv_heads) * head_dim], "out": [heads * head_dim, E],
-        "gate_up": [E, 2 * mlp], "down": [mlp, E]}); `rows`, the decode batch's rows (on one
-        device), lets `cpu_kernels.decode_weight` lay these out for the native matmul kernel.
-        A decode loop that takes them from outside its `lax.while_loop` (`decode(..., layers=)`)
-        reads each layer's weights in place; slicing the stacked weights inside the loop copies
-        them on every token on CPU, a fifth of a small model's decode step. The fused matrices
-        make a token's q/k/v one matmul and its gate/up one more: a decode step's matmuls are
-        small, and on CPU each costs about as much to launch as to run. The flat output
-        projection spares a copy of wo per token: XLA:CPU transposed the [heads, head_dim, E]
-        weight on every step to contract both axes. With these matrices a step of at most 8
-        rows runs its matmuls by `cpu_kernels.decode_matmul` (one pass over each weight, in the
-        layout `decode_weight` makes here, once per decode loop).
-        """
-        def weight(w):
-            return w if rows is None else decode_weight(w, rows, self.cfg.dtype)
-
+    def _run_layers(self, step, x, carry, unroll: int = 1):
+        """Applies `step(block, layer_index, x, carry) -> (x, carry)` for each layer (`unroll` per scan trip)."""
         graphdef, stacked = nnx.split(self.blocks)
-        layers = []
-        for i in range(self.cfg.num_layers):
-            state = jax.tree.map(lambda a, i=i: a[i], stacked)
-            block = nnx.merge(graphdef, state)
-            fused = {"qkv": block.attn.fused_qkv(), "out": block.attn.flat_out(), "gate_up": block.mlp.fused_gate_up(),
-                     "down": block.mlp.w_down[...]}
-            layers.append((state, {name: weight(w) for name, w in fused.items()}))
-        return tuple(layers)
-
-    def _run_layers(self, step, x, carry, unroll: int = 1, layers: tuple | None = None):
-        """Applies `step(block, layer_index, x, carry, fused) -> (x, carry)` for each layer (`unroll` per scan trip).
-
-        `layers` (from `sliced_layers`) runs the layers from those arrays, unrolled, with their
-        fused matrices; otherwise `fused` is None.
-        """
-        graphdef, stacked = nnx.split(self.blocks)
-        if layers is not None:
-            for i, (layer_state, fused) in enumerate(layers):
-                x, carry = step(nnx.merge(graphdef, layer_state), i, x, carry, fused)
-                x = constrain(x, BATCH_LENGTH_EMBED, self.rules)
-            return x, carry
 
         def body(state, layer_state_and_index):
             x, carry = state
             layer_state, layer = layer_state_and_index
-            x, carry = step(nnx.merge(graphdef, layer_state), layer, x, carry, None)
+            x, carry = step(nnx.merge(graphdef, layer_state), layer, x, carry)
             return (constrain(x, BATCH_LENGTH_EMBED, self.rules), carry), None
 
         if self.cfg.remat != "none":
@@ -291,10 +230,10 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
 
-        def step(block, layer, x, carry, fused):
+        def step(block, layer, x, carry):
             return block(x, positions, segment_ids), carry
 
-        x, _ = self._run_layers(step, self._embed(tokens), ())
+        x, _ = self._run_layers(step, self.embed_tokens(tokens), ())
         return self.final_norm(x)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None):
@@ -303,29 +242,29 @@ class Transformer(nnx.Module):
 
     # -- paged KV cache decode --
 
-    def decode_hidden(self, tokens, positions, page_table, lengths, cache: PagedKVCache, num_new=None, layers=None):
+    def decode_hidden(self, tokens, positions, page_table, lengths, cache: PagedKVCache, num_new=None):
         """Like `decode` but returns final-normed hidden states [B, T, E] instead of logits."""
         if num_new is None:
             num_new = jnp.full(tokens.shape[:1], tokens.shape[1], jnp.int32)
 
-        def step(block, layer, x, cache, fused):
-            return block.paged(x, positions, layer, cache, page_table, lengths, num_new, fused)
+        def step(block, layer, x, cache):
+            return block.paged(x, positions, layer, cache, page_table, lengths, num_new)
 
         # Unrolled (up to 8 layers per loop trip): a decode step is small, and a loop trip per
         # layer costs as much as the layer on CPU.
-        x, cache = self._run_layers(step, self._embed(tokens), cache, unroll=min(self.cfg.num_layers, 8), layers=layers)
+        x, cache = self._run_layers(step, self.embed_tokens(tokens), cache, unroll=min(self.cfg.num_layers, 8))
         return self.final_norm(x), cache
 
-    def decode(self, tokens, positions, page_table, lengths, cache: PagedKVCache, num_new=None, layers=None):
+    def decode(self, tokens, positions, page_table, lengths, cache: PagedKVCache, num_new=None):
         """Runs new tokens against each row's cached pages and appends their keys/values.
 
         tokens, positions: [B, T]; page_table: [B, P] page ids (row's logical slot s lives at
         page page_table[s // page_size], offset s % page_size); lengths: [B] tokens already
         cached; num_new: [B] how many of the T tokens are real (default T; the rest are
         padding and are not written). Returns (logits [B, T, V] float32, cache). The row's
-        new length is lengths + num_new. `layers`: `sliced_layers()`, taken from outside a decode loop.
+        new length is lengths + num_new. (The sampler's loop on CPU runs `model/decode.py` instead.)
         """
-        hidden, cache = self.decode_hidden(tokens, positions, page_table, lengths, cache, num_new, layers)
+        hidden, cache = self.decode_hidden(tokens, positions, page_table, lengths, cache, num_new)
         return self.logits(hidden), cache
 
     def prefill(self, tokens, page_table, cache: PagedKVCache, prompt_lengths=None):

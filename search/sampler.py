@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from model.decode import decoder
 from model.paged import PagedKVCache, init_cache
 
 EOS_ID = 1
@@ -93,11 +94,8 @@ def decode_loop(
     fed first), active [R] bool, keys [R] (row t-th token uses fold_in(key, t)). The last
     generated token stays pending (not written), per the module's convention.
     """
-    model = nnx.merge(graphdef, params)
-    # On CPU the layers' weights are sliced once, here, rather than copied out of the stacked
-    # weights on every token; accelerators slice in place and keep the one copy of the weights.
     rows = pending.shape[0]
-    layers = model.sliced_layers(rows) if jax.default_backend() == "cpu" else None
+    decode = decoder(nnx.merge(graphdef, params), rows)  # on CPU, weights laid out here, once, for the loop
     stops = jnp.asarray(stop_ids, jnp.int32)
 
     def cond(carry):
@@ -107,7 +105,7 @@ def decode_loop(
     def body(carry):
         step, cache, lengths, pending, done, tokens, logprobs, num = carry
         writing = (~done).astype(jnp.int32)
-        logits, cache = model.decode(pending[:, None], lengths[:, None], page_table, lengths, cache, writing, layers)
+        logits, cache = decode(pending[:, None], lengths[:, None], page_table, lengths, cache, writing)
         step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
         token, logprob = sample_logits(logits[:, 0], step_keys, sampling)
         token = jnp.where(done, PAD_ID, token)

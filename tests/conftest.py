@@ -4,11 +4,12 @@ import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
-from tools.cli import tune_cpu_backend  # noqa: E402  (no jax import): the CPU flags `ponder` runs with
-
-tune_cpu_backend()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+from configs.xla_flags import tune_cpu_backend  # noqa: E402  (no jax import): the CPU flags `ponder` runs with
+
+tune_cpu_backend()  # after JAX_PLATFORMS: the tests run on CPU even on an accelerator host
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # One persistent compilation cache per test session, inherited by the subprocesses tests start:

@@ -128,7 +128,7 @@ def test_vocab_train_writes_a_sentencepiece_model(tmp_path):
 
 
 def test_cpu_backend_flags_turn_ynnpack_matmuls_off_unless_the_user_chose():
-    from tools.cli import YNN_FLAG, cpu_backend_flags
+    from configs.xla_flags import YNN_FLAG, cpu_backend_flags
 
     assert cpu_backend_flags("", "0.10.2") == f"{YNN_FLAG}="
     devices = "--xla_force_host_platform_device_count=8"
@@ -136,7 +136,56 @@ def test_cpu_backend_flags_turn_ynnpack_matmuls_off_unless_the_user_chose():
     chosen = f"{YNN_FLAG}=dot"
     assert cpu_backend_flags(chosen, "0.10.2") == chosen  # the user's choice stands
     assert cpu_backend_flags(devices, "0.11.0") == devices  # a jaxlib not known to have the flag: untouched
-    # the test session itself runs with what `ponder` runs with (on a newer jaxlib: without the flag)
+    # the test session itself (JAX_PLATFORMS=cpu) runs with what `ponder` runs with on CPU
     from importlib.metadata import version
 
     assert (f"{YNN_FLAG}=" in os.environ["XLA_FLAGS"]) == version("jaxlib").startswith("0.10.")
+
+
+@pytest.mark.parametrize("environ, devices, accelerator", [
+    ({}, [], False),  # a plain CPU machine
+    ({}, ["nvidiactl", "nvidia-uvm", "vfio/vfio"], False),  # drivers loaded, no device behind them
+    ({"JAX_PLATFORMS": "cpu"}, ["nvidia0", "accel0"], False),  # told to run on CPU: jax will
+    ({"JAX_PLATFORMS": "cuda"}, [], True),
+    ({"JAX_PLATFORMS": "cpu,tpu"}, [], True),
+    ({}, ["nvidiactl", "nvidia0"], True),
+    ({"CUDA_VISIBLE_DEVICES": ""}, ["nvidia0"], False),  # every GPU hidden
+    ({"CUDA_VISIBLE_DEVICES": "-1"}, ["nvidia0"], False),
+    ({"CUDA_VISIBLE_DEVICES": "0,1"}, [], True),
+    ({}, ["accel0"], True),  # TPU v4
+    ({}, ["vfio/vfio", "vfio/0"], True),  # TPU v5e / v6e
+    ({"TPU_ACCELERATOR_TYPE": "v5litepod-8"}, [], True),
+    ({"TPU_WORKER_ID": "0"}, [], True),
+    ({}, ["kfd"], True),  # AMD GPU
+])
+def test_an_accelerator_host_is_recognised_without_jax(tmp_path, environ, devices, accelerator):
+    from configs.xla_flags import accelerator_host
+
+    for name in devices:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).touch()
+    assert accelerator_host(environ, tmp_path) is accelerator
+
+
+@pytest.mark.parametrize("environ, devices, accelerator", [
+    ({}, [], False), ({}, ["nvidia0"], True), ({"JAX_PLATFORMS": "cpu"}, ["nvidia0"], False),
+    ({"JAX_PLATFORMS": "tpu"}, [], True),
+])
+def test_the_cpu_only_flag_is_not_added_on_an_accelerator_host(tmp_path, environ, devices, accelerator):
+    """`tune_cpu_backend` as `ponder` runs it, first thing in a fresh process (and without importing jax)."""
+    from importlib.metadata import version
+
+    from configs.xla_flags import YNN_FLAG
+
+    for name in devices:
+        (tmp_path / name).touch()
+    ours = ("JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_ID", "TPU_WORKER_HOSTNAMES")
+    env = {k: v for k, v in os.environ.items() if k not in ours} | environ | {"XLA_FLAGS": "--xla_dump_to=x"}
+    code = ("import os, sys; from configs.xla_flags import tune_cpu_backend; tune_cpu_backend(dev=sys.argv[1]); "
+            "print(os.environ['XLA_FLAGS']); print('jax' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, check=True)
+    flags, imported_jax = done.stdout.splitlines()
+    assert imported_jax == "False"
+    added = not accelerator and version("jaxlib").startswith("0.10.")
+    assert flags == (f"--xla_dump_to=x {YNN_FLAG}=" if added else "--xla_dump_to=x")

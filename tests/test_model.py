@@ -8,6 +8,7 @@ from flax import nnx
 
 from configs.schema import ModelConfig
 from model import create_model, init_cache
+from model.decode import decode_step, decoder
 
 CFG = ModelConfig(vocab_size=384, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128)
 PAGE_SIZE = 4
@@ -117,6 +118,34 @@ def test_packed_segments_do_not_attend_across_documents(model):
     packed = np.asarray(model(tokens, positions, segments))[0]
     np.testing.assert_allclose(packed[:9], _reference(model, doc_a), atol=1e-5)
     np.testing.assert_allclose(packed[9:], _reference(model, doc_b), atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [3, 9])
+def test_the_cpu_decode_layout_computes_what_decode_does(model, rows):
+    """`decoder` on CPU: per-layer weights sliced, fused and (at most 8 rows) packed for the native kernels.
+
+    One decode step after a prefill gives `Transformer.decode`'s logits and writes the same keys/values.
+    """
+    rng = np.random.default_rng(rows)
+    prompts, lengths = rng.integers(0, CFG.vocab_size, (rows, 6)), rng.integers(1, 7, rows)
+    table = jnp.arange(rows * 3, dtype=jnp.int32).reshape(rows, 3)
+    _, cache = nnx.jit(lambda m, t, p, c, n: m.prefill(t, p, c, n))(
+        model, jnp.asarray(prompts), table, init_cache(CFG, rows * 3, PAGE_SIZE), jnp.asarray(lengths, jnp.int32))
+    tokens, lengths = jnp.asarray(rng.integers(0, CFG.vocab_size, (rows, 1))), jnp.asarray(lengths, jnp.int32)
+    writing = jnp.asarray(rng.permutation(rows) > 0, jnp.int32)  # one row writes nothing
+
+    @nnx.jit
+    def both(model, cache):
+        step = decoder(model, rows)
+        assert step.func is decode_step  # CPU: the decode layout, chosen here
+        return step(tokens, lengths[:, None], table, lengths, cache, writing), model.decode(
+            tokens, lengths[:, None], table, lengths, cache, writing)
+
+    (got, got_cache), (want, want_cache) = both(model, cache)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_cache.k), np.asarray(want_cache.k), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_cache.v), np.asarray(want_cache.v), atol=1e-5)
+    assert np.abs(np.asarray(got_cache.k) - np.asarray(cache.k)).max() > 0  # the step wrote its keys
 
 
 @pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(remat="full"), dict(remat="save_dots")])

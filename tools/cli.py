@@ -19,6 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from configs.load import ConfigError, load_config
 from configs.schema import Config
+from configs.xla_flags import tune_cpu_backend
 
 # Module names under tools/, in the order --help lists them.
 COMMANDS = ("demo", "info", "train", "rl", "generate", "search", "reward", "data", "vocab", "bench", "launch")
@@ -86,10 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `ponder` console script; exits with the command's status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    tune_cpu_backend()
     devices = _devices_before_command(argv)
     if devices is not None:
         simulate_cpu_devices(devices)
+    tune_cpu_backend()  # after --devices, which runs on CPU even on an accelerator host
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
@@ -110,32 +111,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
     sys.exit(status or 0)
-
-
-# XLA's CPU backend (jaxlib 0.10) hands matmuls to YNNPACK by default. At decode sizes (a few
-# rows against a weight matrix) its Eigen path is faster: greedy decode of the `small` model,
-# batch 8, went from ~1,400 to ~1,800 tokens/s on a 2-core CPU (`ponder bench search --hf`),
-# while a training step took the same time either way (`ponder bench train --config small`).
-# Only jaxlib 0.10.x is known to have the flag (XLA aborts on flags it does not know).
-YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
-
-
-def tune_cpu_backend() -> None:
-    """Applies `cpu_backend_flags` to XLA_FLAGS; call it before jax is imported."""
-    if "jax" in sys.modules:
-        return
-    try:
-        jaxlib = version("jaxlib")
-    except PackageNotFoundError:
-        return
-    os.environ["XLA_FLAGS"] = cpu_backend_flags(os.environ.get("XLA_FLAGS", ""), jaxlib)
-
-
-def cpu_backend_flags(flags: str, jaxlib_version: str) -> str:
-    """XLA_FLAGS with YNNPACK matmuls turned off, unless the user set that flag or jaxlib may not know it."""
-    if YNN_FLAG in flags or not jaxlib_version.startswith("0.10."):
-        return flags
-    return f"{flags} {YNN_FLAG}=".strip()
 
 
 def simulate_cpu_devices(count: int) -> None:
