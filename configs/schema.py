@@ -101,6 +101,7 @@ class DataConfig(Strict):
     seq_len: int = Field(512, gt=1)
     max_prompt_len: int = Field(128, gt=0)
     batch_size: int = Field(16, gt=0)
+    shards: int | None = Field(None, gt=0)
     pack: bool = True
     shuffle_buffer: int = Field(1024, ge=0)
 
@@ -115,6 +116,8 @@ class DataConfig(Strict):
                 raise ValueError(f"mixture.{name}: rate must be positive, got {rate}")
         if "text" in self.mixture and not self.text_files:
             raise ValueError("mixture.text needs data.text_files (globs of text files, one example per line)")
+        if self.shards and self.batch_size % self.shards:
+            raise ValueError(f"batch_size ({self.batch_size}) must split evenly over shards ({self.shards})")
         if self.max_prompt_len >= self.seq_len:
             raise ValueError(f"max_prompt_len ({self.max_prompt_len}) must be below seq_len ({self.seq_len})")
         return self

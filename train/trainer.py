@@ -22,6 +22,7 @@ from configs.schema import Config
 from model.sharding import make_mesh
 from train.checkpoint import CheckpointError, Checkpoints, load_params, missing_params
 from train.data import Pipeline, get_vocabulary, padded_vocab_size, to_global
+from train.data.shards import HostShards
 from train.flops import flops_per_token, peak_tflops
 from train.metrics import MetricsWriter
 from train.optim import learning_rate_schedule
@@ -182,13 +183,14 @@ def train(cfg: Config, *, show_progress: bool = True) -> dict:
         preemption.close()
 
 
-def data_source(cfg: Config, split: str = "train"):
-    """This host's batch stream: the seqio pipeline, or reward.data for `data.objective: reward`."""
+def data_source(cfg: Config, split: str = "train") -> HostShards:
+    """This host's data shards (train.data.shards): the seqio pipeline, or reward.data for `data.objective: reward`."""
     if cfg.data.objective == "reward":
         from train.reward_data import RewardData
 
-        return RewardData(cfg, split=split)
-    return Pipeline(cfg.data, seed=cfg.seed, split=split)
+        return HostShards(lambda k, n: RewardData(cfg, split=split, shard_index=k, num_shards=n), cfg.data.shards)
+    return HostShards(lambda k, n: Pipeline(cfg.data, seed=cfg.seed, split=split, shard_index=k, num_shards=n),
+                      cfg.data.shards)
 
 
 def _init_params(cfg: Config, layout) -> tuple[dict | None, str]:

@@ -15,7 +15,7 @@ from typing import Protocol
 import jax
 import numpy as np
 
-from train.host_state import DataStateError
+from train.host_state import DataStateError, check_saved
 
 
 class Stream(Protocol):
@@ -71,6 +71,11 @@ class HostShards:
         for stream in self.streams:
             stream.save(directory)
         return Path(directory)
+
+    def check(self, directory: str | Path) -> None:
+        """FileNotFoundError when an owned shard's saved position is missing (see host_state.check_saved)."""
+        for shard in self.shards:
+            check_saved(directory, shard, self.num_shards)
 
     def restore(self, directory: str | Path) -> None:
         """Continues every owned shard from its saved position."""
