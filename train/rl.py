@@ -147,9 +147,8 @@ def train_rl(cfg: Config, *, show_progress: bool = True, mesh=None) -> dict:
     layout = learner.layout
     stream = PromptStream(cfg, vocab)
     with contextlib.ExitStack() as cleanup:
-        checkpoints = Checkpoints(run_dir / "checkpoints", save_every=rl.checkpoint_every, keep=rl.keep_checkpoints)
-        cleanup.callback(checkpoints.close)
-        cleanup.callback(checkpoints.wait)
+        checkpoints = cleanup.enter_context(  # closed on exit: a failed save raises unless another error does
+            Checkpoints(run_dir / "checkpoints", save_every=rl.checkpoint_every, keep=rl.keep_checkpoints))
         try:
             reference = ReferenceModel(learner, load_params(policy_path, layout.abstract["params"]))  # frozen
             if checkpoints.latest_step() is not None:
