@@ -2,6 +2,7 @@
 
 Failures: damage falls back to an older step, a transient read error stops without renaming
 anything, a failed save (in the background too) names its step, a crash's tmp dirs go.
+Past 400 lines because these cases share one module-scoped run of real saved steps.
 """
 
 import errno
