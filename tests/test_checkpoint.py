@@ -1,5 +1,11 @@
-"""Orbax checkpoints: restore onto other meshes, exact data resume, keep-N, corruption fallback, params-only load."""
+"""Orbax checkpoints: restore onto other meshes, exact data resume, keep-N, corruption fallback, params-only load.
 
+Failures: damage falls back to an older step, a transient read error stops without renaming
+anything, a failed save (in the background too) names its step, a crash's tmp dirs go.
+Past 400 lines because these cases share one module-scoped run of real saved steps.
+"""
+
+import errno
 import gc
 import json
 import os
@@ -21,7 +27,9 @@ from configs.load import load_config
 from configs.schema import MeshConfig
 from model.sharding import make_mesh, state_shardings
 from model.transformer import Transformer, create_model
+from train import checkpoint_read
 from train.checkpoint import CheckpointError, Checkpoints, load_params
+from train.checkpoint_read import transient
 from train.data import DataStateError, Pipeline
 from train.state import opt_state_shardings, with_shardings
 
@@ -148,6 +156,8 @@ CORRUPTIONS = {
     "missing-checkpoint-metadata": (lambda d: (d / "_CHECKPOINT_METADATA").unlink(), "_CHECKPOINT_METADATA"),
     "missing-array-manifest": (lambda d: (d / "state" / "manifest.ocdbt").unlink(), "NOT_FOUND"),
     "missing-data-position": (lambda d: shutil.rmtree(d / "data" / "host-0-of-1"), "host-0-of-1"),
+    "metadata-replaced-by-a-directory": (lambda d: ((d / "_CHECKPOINT_METADATA").unlink(),
+                                                    (d / "_CHECKPOINT_METADATA").mkdir()), "IsADirectoryError"),
 }
 
 
@@ -185,7 +195,7 @@ def test_all_corrupted_raises_and_resumed_run_sets_damage_aside(run, cfg, tmp_pa
     shutil.copytree(run["dir"] / "2", directory / "2", dirs_exist_ok=True)
     with pytest.warns(UserWarning, match="unreadable"):
         assert checkpoints.restore(abstract)[0] == 2
-    with pytest.warns(UserWarning, match="moved unreadable checkpoint"):
+    with pytest.warns(UserWarning, match=r"moved unreadable checkpoint .*3 to .*3\.corrupt \(JSONDecodeError"):
         assert checkpoints.save(3, run["states"][3])
     checkpoints.wait()
     assert (directory / "3.corrupt" / "state" / "_METADATA").read_text() == "{not json"
@@ -217,8 +227,9 @@ def test_run_killed_mid_save_leaves_earlier_steps_and_no_partial_latest(tmp_path
     done = subprocess.run([sys.executable, "-c", KILLED_MID_SAVE, str(directory)], env=env, capture_output=True)
     assert done.returncode == 3, done.stderr.decode()[-2000:]
     assert [p.name for p in directory.glob("2.orbax-checkpoint-tmp*")]  # the partial save, never renamed
-    checkpoints = Checkpoints(directory, save_every=1, keep=3)
-    assert checkpoints.all_steps() == [1]
+    with pytest.warns(UserWarning, match="never finished"):
+        checkpoints = Checkpoints(directory, save_every=1, keep=3)
+    assert checkpoints.all_steps() == [1] and not list(directory.glob("2.orbax-checkpoint-tmp*"))  # space freed
     replicated = NamedSharding(_mesh(1, 1, 1), PartitionSpec())
     abstract = {"w": jax.ShapeDtypeStruct((1024,), jnp.float32, sharding=replicated)}
     step, state = checkpoints.restore(abstract)
@@ -266,3 +277,152 @@ def test_load_params_reads_only_params_onto_another_mesh(run, cfg):
 def test_saved_config_is_plain_json(run, cfg):
     saved = json.loads((run["dir"] / "3" / "config" / "metadata").read_text())
     assert saved == cfg.model_dump(mode="json")
+
+
+def test_opening_removes_the_tmp_dirs_of_unfinished_saves_and_nothing_else(run, cfg, tmp_path):
+    directory = _copy(run, tmp_path)
+    for leftover in ("4.orbax-checkpoint-tmp", "5.orbax-checkpoint-tmp-1733000000"):  # orbax's names for a step
+        (directory / leftover / "state" / "d").mkdir(parents=True)
+        (directory / leftover / "state" / "d" / "shard").write_bytes(b"\0" * 4096)
+    shutil.copytree(directory / "1", directory / "1.corrupt")  # set aside earlier: evidence, kept
+    (directory / "notes.orbax-checkpoint-tmp").mkdir()  # not a step's name: not ours to remove
+    (directory / "6.orbax-checkpoint-tmp").symlink_to(tmp_path)  # never followed
+    with pytest.warns(UserWarning, match="never finished") as caught:
+        checkpoints = Checkpoints(directory, save_every=1, keep=3)
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "1", "1.corrupt", "2", "3", "6.orbax-checkpoint-tmp", "notes.orbax-checkpoint-tmp"]
+    assert sum("never finished" in str(w.message) for w in caught) == 2
+    assert checkpoints.all_steps() == list(STEPS)
+    step, state = checkpoints.restore(_abstract_state(cfg, run["mesh"]))
+    assert step == 3 and int(state["step"]) == 3
+    checkpoints.close()
+
+
+TRANSIENT_ERRORS = {
+    "EIO": (lambda path: OSError(errno.EIO, os.strerror(errno.EIO), str(path)), "Input/output error"),
+    "permission": (lambda path: PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path)),
+                   "Permission denied"),
+    "out-of-memory": (lambda path: MemoryError(), "out of memory"),
+}
+
+
+@pytest.mark.parametrize("kind", list(TRANSIENT_ERRORS))
+def test_transient_read_error_stops_without_renaming_or_rolling_back(run, cfg, tmp_path, monkeypatch, kind):
+    """An error a retry may clear, raised where the newest step's metadata is read, is retried and then raised:
+    the run does not fall back to step 2, and step 3 is neither skipped nor set aside."""
+    directory = _copy(run, tmp_path)
+    make_error, reason = TRANSIENT_ERRORS[kind]
+    failing, attempts = directory / "3" / "_CHECKPOINT_METADATA", []
+    read_text = Path.read_text
+
+    def flaky_read_text(path, *args, **kwargs):
+        if path == failing:
+            attempts.append(path)
+            raise make_error(path)
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_read, "RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr(Path, "read_text", flaky_read_text)
+    checkpoints = Checkpoints(directory, save_every=1, keep=3)
+    abstract = _abstract_state(cfg, run["mesh"])
+    with pytest.warns(UserWarning, match="retrying"), pytest.raises(CheckpointError) as err:
+        checkpoints.restore(abstract)
+    message = str(err.value)
+    assert str(directory / "3") in message and reason in message and "nothing was renamed" in message
+    assert len(attempts) == 3  # tried, then retried after each of the two delays
+    monkeypatch.undo()  # the fault clears: the same step reads back, nothing was set aside
+    assert checkpoints.restore(abstract)[0] == 3
+    assert checkpoints.save(4, run["states"][3])
+    checkpoints.wait()
+    assert sorted(p.name for p in directory.iterdir()) == ["2", "3", "4"]
+    checkpoints.close()
+
+
+def test_transient_or_damage_is_told_by_the_error_and_its_causes():
+    assert transient(PermissionError(errno.EACCES, "Permission denied")) == os.strerror(errno.EACCES)
+    assert transient(ValueError("DATA_LOSS: Error reading \"x\": [os_error_code='5']")) == os.strerror(errno.EIO)
+    assert transient(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")) is not None
+    try:
+        try:
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE))
+        except OSError as cause:
+            raise ValueError("restore failed") from cause
+    except ValueError as chained:
+        assert transient(chained) == os.strerror(errno.ESTALE)
+    for damage in (json.JSONDecodeError("Expecting value", "{not json", 1), FileNotFoundError(errno.ENOENT, "gone"),
+                   IsADirectoryError(errno.EISDIR, "a dir"), ValueError("NOT_FOUND: manifest.ocdbt"),
+                   ValueError("OUT_OF_RANGE: Failed writing: File too large [os_error_code='27']")):
+        assert transient(damage) is None, damage
+
+
+def test_a_save_that_fails_at_once_names_its_step(tmp_path):
+    class FullDisk:  # stands in for the pipeline: its position cannot be written
+        def save(self, directory):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+
+    checkpoints = Checkpoints(tmp_path / "checkpoints", save_every=1, keep=3)
+    state = {"w": jnp.arange(16.0)}
+    assert checkpoints.save(1, state)
+    with pytest.raises(CheckpointError, match=r"saving step 2 .* failed: OSError: .*No space left") as err:
+        checkpoints.save(2, state, data=FullDisk())
+    assert isinstance(err.value.__cause__, OSError) and "Steps [1] are complete" in str(err.value)
+    checkpoints.close()
+
+
+FAILS_IN_THE_BACKGROUND = """
+import json, resource, signal, sys, time, warnings
+import jax.numpy as jnp
+from train.checkpoint import CheckpointError, Checkpoints
+
+def limit_file_size(limit):  # writes past it fail with EFBIG (SIGXFSZ ignored): a real I/O error in orbax's thread
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+out = {}
+checkpoints = Checkpoints(sys.argv[1], save_every=100, keep=3)
+small, big = {"w": jnp.arange(1024.0)}, {"w": jnp.arange(1 << 21, dtype=jnp.float32)}  # 8 MB
+checkpoints.save(1, small, force=True)
+checkpoints.wait()
+limit_file_size(1 << 20)
+out["started"] = checkpoints.save(2, big, force=True)
+step, deadline = 3, time.time() + 120
+try:
+    while time.time() < deadline:  # the training steps after it: none of them saves
+        checkpoints.save(step, small)
+        step, _ = step + 1, time.sleep(0.05)
+except CheckpointError as err:
+    out |= {"error": str(err), "cause": repr(err.__cause__), "raised_at": step}
+limit_file_size(resource.RLIM_INFINITY)
+out["steps"] = checkpoints.all_steps()
+limit_file_size(1 << 20)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+        with checkpoints:  # the run stops on its own error while a save fails: that error is the one raised
+            checkpoints.save(10, big, force=True)
+            raise RuntimeError("the training step broke")
+    except RuntimeError as err:
+        out["propagated"] = str(err)
+out["warned"] = [str(w.message) for w in caught if "saving step" in str(w.message)]
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_a_save_that_fails_in_the_background_raises_at_once_naming_its_step(tmp_path):
+    directory = tmp_path / "checkpoints"
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).parents[1]), "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", FAILS_IN_THE_BACKGROUND, str(directory)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.split("RESULT ", 1)[1])
+    assert out["started"] and out["steps"] == [1]
+    assert out["error"].startswith(f"saving step 2 to {directory} failed: ValueError: ")
+    assert "File too large" in out["cause"]  # chained to orbax's own error
+    assert out["raised_at"] < 100  # at a step of the run, not at the next checkpoint (step 100)
+    assert out["propagated"] == "the training step broke"
+    assert len(out["warned"]) == 1 and out["warned"][0].startswith("saving step 10 ")
+    assert "RuntimeError: the training step broke" in out["warned"][0]
+    assert sorted(p.name for p in directory.iterdir())[0] == "1"
+    with pytest.warns(UserWarning, match="never finished"):
+        Checkpoints(directory, save_every=1, keep=3).close()
+    assert sorted(p.name for p in directory.iterdir()) == ["1"]

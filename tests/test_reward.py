@@ -36,6 +36,8 @@ from tasks.arithmetic import rewrites
 from tasks.expr import Op, evaluate, parse, to_text
 from tools import cli
 from train.data import DataStateError, get_vocabulary
+from train.policy import load_policy
+from train.problems import plan_problems
 from train.reward import RecordScores, auc, load_reward_model, score_records, train_reward_model, within_problem_auc
 from train.reward_data import (
     RewardData,
@@ -51,8 +53,6 @@ from train.reward_labels import (
     LabelSettings,
     build_reward_data,
     checker_record,
-    load_policy,
-    plan_problems,
     prompt_width,
 )
 

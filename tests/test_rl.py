@@ -268,13 +268,13 @@ def test_kill_and_resume_continues_the_prompt_stream(trained_tiny_policy, tmp_pa
 
 
 def test_kept_groups_put_informative_groups_first_in_stream_order():
-    from train.rl import _kept_groups
+    from train.rl_examples import kept_groups
 
     informative = np.array([False, True, False, True, True, False])
-    assert _kept_groups(informative, 2).tolist() == [1, 3]
-    assert _kept_groups(informative, 4).tolist() == [0, 1, 3, 4]  # the three with a signal and the first other
-    assert _kept_groups(np.zeros(4, bool), 2).tolist() == [0, 1]
-    assert _kept_groups(informative, 6).tolist() == list(range(6))  # oversample 1: every group, in order
+    assert kept_groups(informative, 2).tolist() == [1, 3]
+    assert kept_groups(informative, 4).tolist() == [0, 1, 3, 4]  # the three with a signal and the first other
+    assert kept_groups(np.zeros(4, bool), 2).tolist() == [0, 1]
+    assert kept_groups(informative, 6).tolist() == list(range(6))  # oversample 1: every group, in order
 
 
 def test_oversampled_grpo_trains_on_the_groups_with_a_signal(trained_tiny_policy, tmp_path):

@@ -250,7 +250,9 @@ class Demo:
     # -- 2. reward data --
 
     def reward_data(self) -> None:
-        from train.reward_labels import LabelSettings, build_reward_data, load_policy, plan_problems
+        from train.policy import load_policy
+        from train.problems import plan_problems
+        from train.reward_labels import LabelSettings, build_reward_data
 
         demo = self.cfg.demo
         out = self.reward_dir / "data.jsonl"
@@ -291,7 +293,7 @@ class Demo:
 
     def test_problems(self) -> Path:
         """demo.problems held-out test problems of the mixture, written as a problem file (once)."""
-        from train.reward_labels import plan_problems
+        from train.problems import plan_problems
 
         path = self.run_dir / "problems.jsonl"
         if not path.exists():

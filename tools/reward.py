@@ -94,7 +94,9 @@ def run_data(args: argparse.Namespace) -> int:
     if min(args.problems, args.samples, args.rows, args.max_new_tokens) < 1 or args.mc_rollouts < 0:
         return _error("--problems, --samples, --rows and --max-new-tokens must be >= 1, --mc-rollouts >= 0")
     from train.checkpoint import CheckpointError
-    from train.reward_labels import LabelSettings, build_reward_data, load_policy, plan_problems
+    from train.policy import load_policy
+    from train.problems import plan_problems
+    from train.reward_labels import LabelSettings, build_reward_data
 
     try:
         settings = LabelSettings(args.samples, args.mc_rollouts, args.labels, args.label_source, args.max_new_tokens,
@@ -124,11 +126,10 @@ def run_train(args: argparse.Namespace) -> int:
     if args.from_scratch and not args.policy:
         return _error("--from-scratch only makes sense with --policy (whose config to use)")
     from tools.search import answer_key
-    from train.checkpoint import CheckpointError
+    from train.checkpoint import CheckpointError, find_run_config
     from train.data import DataStateError
     from train.reward import train_reward_model
     from train.reward_data import RewardDataError
-    from train.reward_labels import find_run_config
     from train.trainer import TrainingError
 
     config = args.config

@@ -8,35 +8,39 @@
 
 On disk (a local or mounted filesystem that every host sees):
 `directory/<step>/{state/, config/metadata, data/host-I-of-N/, _CHECKPOINT_METADATA}`.
-A step is written as `<step>.orbax-checkpoint-tmp-*` and renamed once every item of every
+A step is written as `<step>.orbax-checkpoint-tmp*` and renamed once every item of every
 process has committed, so a run killed mid-save leaves only a tmp dir that is never listed
-as a step; earlier steps are untouched.
+as a step; earlier steps are untouched, and opening the directory again removes the tmp dir.
+
+Failures say which step and what kind: a save that fails (in the background, too) raises
+CheckpointError naming its step at the next `save` or `wait`; a step that does not read back
+because it is damaged is skipped for an older one (and set aside as `<step>.corrupt` at the
+next save), while an error a retry may clear (out of memory, permission, I/O) is retried and
+then raised, renaming nothing, rather than rolling the run back to an older step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import shutil
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
 from configs.schema import Config
-from train.data.pipeline import DataStateError, Pipeline
+from train.checkpoint_read import CheckpointError, describe, newest_readable
+from train.data.pipeline import Pipeline
 
-T = TypeVar("T")
 METADATA_FILE = "_CHECKPOINT_METADATA"
-
-
-class CheckpointError(RuntimeError):
-    """No checkpoint step could be restored; the message says what was wrong with each."""
+# what orbax names a step while it is being written (`<step>.orbax-checkpoint-tmp`, maybe `-<timestamp>`)
+UNFINISHED_STEP = re.compile(rf"^\d+{re.escape(ocp.utils.TMP_DIR_SUFFIX)}(-\d+)?$")
 
 
 class DataHandler(ocp.CheckpointHandler):
@@ -87,16 +91,28 @@ class DataRestore(ocp.args.CheckpointArgs):
 
 
 class Checkpoints:
-    """A run's checkpoint directory: saves every `save_every` steps, keeps the newest `keep`."""
+    """A run's checkpoint directory: saves every `save_every` steps, keeps the newest `keep`.
+
+    Opening it removes the tmp dirs of saves that never finished, so one run at a time may
+    open a directory (another process's save in progress would be removed).
+    """
 
     def __init__(self, directory: str | Path, *, save_every: int, keep: int, async_save: bool = True):
         if save_every < 1 or keep < 1:
             raise ValueError(f"save_every ({save_every}) and keep ({keep}) must be at least 1")
         self.directory = Path(directory).absolute()
         self.save_every = save_every
-        self._corrupted: set[int] = set()  # steps a restore had to skip
+        self._corrupted: dict[int, str] = {}  # steps a restore had to skip, with what was wrong
+        self._pending: int | None = None  # the step whose save may still be running
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._remove_unfinished_saves()
+
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.close(stopping_on=exc)
 
     def save(self, step: int, state: Any, *, data: Pipeline | None = None, config: Config | None = None,
              force: bool = False) -> bool:
@@ -105,10 +121,15 @@ class Checkpoints:
         Skipped unless `step % save_every == 0` or `force`; also skipped (with a warning) when a
         newer step is already saved. Returns whether a save started; `wait()` blocks until it is
         committed. Steps a restore found corrupted are first renamed to `<step>.corrupt`
-        (never deleted), so a resumed run can write those step numbers again.
+        (never deleted), so a resumed run can write those step numbers again. Every call first
+        checks the previous save if it has finished: one that failed raises CheckpointError
+        naming its step (chained to orbax's error), at the first call after it failed.
         """
+        if self._pending is not None and not self._manager.is_saving_in_progress():
+            self.wait()  # it has finished: only collects its outcome
         if not force and step % self.save_every:
             return False
+        self.wait()  # orbax would wait for the previous save too; this way its failure names its step
         self._set_aside_corrupted()
         latest = self.latest_step()
         if latest is not None and step <= latest:
@@ -120,11 +141,26 @@ class Checkpoints:
             items["config"] = ocp.args.JsonSave(config.model_dump(mode="json"))
         if data is not None:
             items["data"] = DataSave(data)
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        try:
+            started = self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as err:
+            raise self._save_failed(step, err) from err
+        self._pending = step if started else None
+        return started
 
     def wait(self) -> None:
-        """Blocks until every started save is committed."""
-        self._manager.wait_until_finished()
+        """Blocks until every started save is committed; CheckpointError (naming the step) if it failed."""
+        step, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:
+            raise self._save_failed(step, err) from err
+
+    def _save_failed(self, step: int | None, err: Exception) -> CheckpointError:
+        return CheckpointError(
+            f"saving step {step if step is not None else '(unknown)'} to {self.directory} failed: "
+            f"{describe(err)}. Steps {self.all_steps()} are complete; the unfinished step's files are removed "
+            "when this directory is next opened.")
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None."""
@@ -156,12 +192,13 @@ class Checkpoints:
         def read(step_dir: Path) -> Any:
             args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
             state = self._manager.restore(int(step_dir.name), args=args).state
-            if data is not None:  # host-local, after orbax's closing barrier: see _newest_readable
+            if data is not None:  # host-local, after orbax's closing barrier: see newest_readable
                 DataHandler().restore(step_dir / "data", DataRestore(data))
             return state
 
-        found, state, skipped = _newest_readable([self.directory / str(s) for s in steps], check, read)
-        self._corrupted = (self._corrupted - {int(found.name)}) | {int(d.name) for d in skipped}
+        found, state, skipped = newest_readable([self.directory / str(s) for s in steps], check, read)
+        self._corrupted = {s: why for s, why in self._corrupted.items() if s != int(found.name)}
+        self._corrupted |= {int(d.name): why for d, why in skipped.items()}
         return int(found.name), state
 
     def restore_config(self, step: int | None = None) -> dict:
@@ -172,23 +209,46 @@ class Checkpoints:
         self.wait()
         return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
 
-    def close(self) -> None:
-        """Waits for pending saves and releases orbax's resources."""
-        self._manager.close()
+    def close(self, *, stopping_on: BaseException | None = None) -> None:
+        """Waits for the pending save, then releases orbax's resources (also when that save failed).
+
+        A failed save raises CheckpointError, unless the run is already stopping on another
+        error (`stopping_on`): then the failure is a warning, so the error that stopped the run
+        is the one that propagates. `with Checkpoints(...)` closes this way on exit.
+        """
+        try:
+            self.wait()
+        except CheckpointError as err:
+            if stopping_on is None:
+                raise
+            warnings.warn(f"{err} (while stopping on {type(stopping_on).__name__}: {stopping_on})", stacklevel=2)
+        finally:
+            self._manager.close()
+
+    def _remove_unfinished_saves(self) -> None:
+        """Removes orbax's tmp dirs of steps whose save never finished (a crash mid-save), and nothing else."""
+        if jax.process_index() == 0:
+            for path in sorted(self.directory.iterdir()):
+                if UNFINISHED_STEP.match(path.name) and path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                    warnings.warn(f"removed {path}: a save that never finished (the run stopped mid-save)",
+                                  stacklevel=3)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("ponder_checkpoints_remove_unfinished")
 
     def _set_aside_corrupted(self) -> None:
         """Renames steps a restore skipped to `<step>.corrupt[-n]`, which orbax does not list as steps."""
         if not self._corrupted:
             return
         if jax.process_index() == 0:
-            for step in sorted(self._corrupted):
+            for step, problem in sorted(self._corrupted.items()):
                 source = self.directory / str(step)
                 target, n = self.directory / f"{step}.corrupt", 1
                 while target.exists():
                     target, n = self.directory / f"{step}.corrupt-{n}", n + 1
                 if source.exists():
                     source.rename(target)
-                    warnings.warn(f"moved unreadable checkpoint {source} to {target}", stacklevel=3)
+                    warnings.warn(f"moved unreadable checkpoint {source} to {target} ({problem})", stacklevel=3)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("ponder_checkpoints_set_aside")
         self._corrupted.clear()
@@ -232,7 +292,7 @@ def load_params(path: str | Path, abstract_params: Any, *, allow_missing: bool =
         with ocp.PyTreeCheckpointer() as checkpointer:
             return checkpointer.restore(step_dir / "state", args=args)["params"]
 
-    params = _newest_readable(step_dirs, _check_state, read)[1]
+    params = newest_readable(step_dirs, _check_state, read)[1]
     missing = missing_params(params)
     if missing and not allow_missing:
         raise CheckpointError(f"{path}: the checkpoint has no {', '.join(missing)} (a different model config?)")
@@ -250,44 +310,3 @@ def _check_state(step_dir: Path) -> None:
     """Host-local checks of a step's own and its state's metadata (JSON both)."""
     json.loads((step_dir / METADATA_FILE).read_text())
     json.loads((step_dir / "state" / "_METADATA").read_text())
-
-
-def _newest_readable(step_dirs: list[Path], check: Callable[[Path], None],
-                     read: Callable[[Path], T]) -> tuple[Path, T, list[Path]]:
-    """`(step_dir, read(step_dir), skipped)` for the newest step that every process reads back.
-
-    `step_dirs` run oldest first. A step is skipped, with a warning naming it and the error,
-    when `check` or `read` raises on any process; nothing is deleted. Processes agree after
-    each, so they never continue from different steps. Orbax's restore ends in a collective
-    barrier, so multi-host, damage that only some hosts meet inside orbax's array reads (a
-    truncated shard file) stops the run instead; `check` catches what it can before that.
-    """
-    problems, skipped = [], []
-    for step_dir in reversed(step_dirs):
-        result, error = _attempt(check, step_dir)
-        if not (failed := _failed_processes(error)):
-            result, error = _attempt(read, step_dir)
-            if not (failed := _failed_processes(error)):
-                return step_dir, result, skipped
-        error = error or f"processes {failed} could not read it (see their logs)"
-        problems.append(f"{step_dir}: {error}")
-        skipped.append(step_dir)
-        warnings.warn(f"checkpoint {step_dir} is unreadable, trying an older step: {error}", stacklevel=3)
-    raise CheckpointError(f"no readable checkpoint in {step_dirs[0].parent}:\n" + "\n".join(f"  {p}" for p in problems))
-
-
-def _attempt(fn: Callable[[Path], T], step_dir: Path) -> tuple[T | None, str | None]:
-    """`(fn(step_dir), None)`, or `(None, what went wrong)`; DataStateError (settings, not damage) propagates."""
-    try:
-        return fn(step_dir), None
-    except DataStateError:
-        raise
-    except Exception as err:  # any other failure to read back means: try an older step
-        return None, f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
-
-
-def _failed_processes(error: str | None) -> list[int]:
-    """The processes that met an error (all agree on this list, so all fall back together)."""
-    if jax.process_count() == 1:
-        return [0] if error else []
-    return np.flatnonzero(multihost_utils.process_allgather(np.asarray(error is not None))).tolist()

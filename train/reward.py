@@ -32,14 +32,15 @@ from flax import nnx
 
 from configs.load import load_config
 from configs.schema import Config
+from train.checkpoint import find_run_config
 from train.reward_data import RewardRecord, held_out, read_reward_records, record_tokens
-from train.reward_labels import LabelSettings, build_reward_data, find_run_config, load_policy, plan_problems
+from train.reward_labels import LabelSettings, build_reward_data
 
 AGGREGATES = ("min", "last", "product")
 EVAL_FILE = "reward_eval.json"
 
 __all__ = ["AGGREGATES", "LabelSettings", "RewardModel", "auc", "build_reward_data", "evaluate",
-           "evaluate_reward_model", "load_policy", "load_reward_model", "plan_problems", "reward_config",
+           "evaluate_reward_model", "load_reward_model", "reward_config",
            "score_records", "train_reward_model", "within_problem_auc"]
 
 

@@ -1,7 +1,7 @@
 """Labelled samples for reward models from a policy: the jitted sampler, the verifier, step checkers, MC rollouts.
 
-    policy = load_policy("runs/small")
-    problems = plan_problems(policy.cfg.data.mixture, 200, split="train")
+    policy = load_policy("runs/small")                                     # train.policy
+    problems = plan_problems(policy.cfg.data.mixture, 200, split="train")  # train.problems
     build_reward_data(policy, problems, "reward.jsonl", LabelSettings(samples=8, mc_rollouts=4))
 
 For every problem the policy samples `samples` completions. The outcome is the task's
@@ -34,11 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs.load import load_config
-from configs.schema import Config
+from configs.fileio import atomic_path, write_atomic
 from tasks import get_task
 from tasks.base import Problem, completion_steps, final_answer
-from train.checkpoint import find_run_config
+from train.policy import Policy
 from train.reward_data import RewardDataError, RewardRecord
 
 LABEL_MODES = ("soft", "hard")
@@ -70,61 +69,6 @@ class LabelSettings:
 def has_step_checker(task) -> bool:
     """Whether a task labels steps itself (a task without one sets `has_step_checker = False`)."""
     return bool(getattr(task, "has_step_checker", True))
-
-
-@dataclasses.dataclass(frozen=True)
-class Policy:
-    """A loaded policy run: its config, model structure, params (sharded on `mesh`) and vocabulary."""
-
-    checkpoint: Path
-    cfg: Config
-    graphdef: Any
-    params: Any
-    mesh: Any
-    vocab: Any
-
-
-def load_policy(checkpoint: str | Path, config: str | Path | None = None, overrides: tuple[str, ...] = ()) -> Policy:
-    """The newest readable params of a run (dir, checkpoints/ or step dir) with its config.yaml (or `config`)."""
-    from model.sharding import make_mesh
-    from train.checkpoint import load_params
-    from train.data import get_vocabulary
-    from train.state import state_layout
-
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_dir():
-        raise FileNotFoundError(f"{checkpoint}: no such checkpoint directory")
-    config = config or find_run_config(checkpoint)
-    if config is None:
-        raise FileNotFoundError(f"no config.yaml in {checkpoint} or the run directory above it; pass a config")
-    cfg = load_config(config, list(overrides))
-    mesh = make_mesh(cfg.mesh)
-    layout = state_layout(cfg, mesh)
-    params = load_params(checkpoint, layout.abstract["params"])
-    return Policy(checkpoint, cfg, layout.graphdef, params, mesh, get_vocabulary(cfg.data.vocab))
-
-
-def plan_problems(mixture: dict[str, float], num: int, *, split: str = "train", seed: int = 0,
-                  start: int = 0) -> list[Problem]:
-    """`num` problems of `split` shared out over the mixture's task components by rate (largest remainder).
-
-    Component c contributes its problems start, start + 1, ... (generation is deterministic).
-    """
-    from train.data.sources import Component
-
-    components = [(Component.parse(name), rate) for name, rate in mixture.items() if name != "text"]
-    if not components:
-        raise ValueError("the mixture has no reasoning-task component to sample problems from")
-    total = sum(rate for _, rate in components)
-    shares = [num * rate / total for _, rate in components]
-    counts = [int(share) for share in shares]
-    for i in sorted(range(len(shares)), key=lambda i: counts[i] - shares[i])[: num - sum(counts)]:
-        counts[i] += 1
-    problems = []
-    for (component, _), count in zip(components, counts, strict=True):
-        task = get_task(component.task)
-        problems += [task.generate(seed, start + i, component.difficulty, split) for i in range(count)]
-    return problems
 
 
 @functools.cache
@@ -322,7 +266,7 @@ def build_reward_data(policy: Policy, problems: list[Problem], out: str | Path, 
     done = _resumable(partial, meta_path, meta, settings.samples)
     if not done:
         partial.write_text("")
-        meta_path.write_text(json.dumps(meta))
+        write_atomic(meta_path, json.dumps(meta))
     labeller = Labeller(policy, settings, prompt_width(problems, policy.vocab))
     chunk = chunk_problems or max(1, settings.rows // settings.samples)
     bar = tqdm(total=len(problems), initial=done, unit="problem", desc="reward data", disable=not show_progress,
@@ -372,7 +316,8 @@ def _resumable(partial: Path, meta_path: Path, meta: dict, samples: int) -> int:
     done = 0
     while done < min(len(ids), len(meta["problems"])) and ids[done] == meta["problems"][done]:
         done += 1
-    partial.write_text("".join(line + "\n" for line in whole[: done * samples]), encoding="utf-8")
+    with atomic_path(partial, mode=partial.stat().st_mode & 0o777) as tmp:  # a crash mid-write keeps the old file
+        tmp.write_text("".join(line + "\n" for line in whole[: done * samples]), encoding="utf-8")
     return done
 
 
@@ -396,5 +341,5 @@ def summarize(path: str | Path) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["LabelSettings", "Labeller", "Policy", "RewardDataError", "Sampler", "build_reward_data", "checker_record",
-           "load_policy", "plan_problems", "summarize"]
+__all__ = ["LabelSettings", "Labeller", "RewardDataError", "Sampler", "build_reward_data", "checker_record",
+           "summarize"]

@@ -20,6 +20,12 @@ One step of the loop, all on one mesh:
 
 A killed run restarted on the same rl.run_dir resumes at its newest checkpoint: the prompt
 stream continues exactly where that step left it and records past it are dropped.
+
+Each role has its own module: the prompt stream and rollout worker (train/rl_rollout.py:
+`sample_groups`), the rows kept and the `TrainExamples` a learner update reads
+(train/rl_examples.py), the learner and the reference model (train/rl_learner.py), the loss
+(train/rl_loss.py), search distillation (train/rl_search.py). This file wires them into the
+loop and reports each step (`step_metrics`).
 """
 
 from __future__ import annotations
@@ -33,16 +39,18 @@ import jax
 import numpy as np
 
 from configs.load import load_config, save_config
-from configs.schema import Config
+from configs.schema import Config, RLConfig
 from model.sharding import make_mesh
 from search.sampler import Sampling, decode_text
 from tasks.base import Problem
 from train.checkpoint import CheckpointError, Checkpoints, find_run_config, load_params
 from train.data import get_vocabulary
 from train.metrics import MetricsWriter, drop_records_after
-from train.rl_learner import Learner
-from train.rl_loss import group_advantages
-from train.rl_rollout import PromptStream, RolloutWorker, row_keys, score_rollouts, sequences
+from train.policy import load_policy
+from train.problems import plan_problems
+from train.rl_examples import ChosenRows, build_examples, choose_rows, rollout_logprob_gap
+from train.rl_learner import Learner, ReferenceModel
+from train.rl_rollout import GroupRollouts, PromptStream, RolloutWorker, row_keys, sample_groups, score_rollouts
 from train.state import init_state
 from train.trainer import Preemption, TrainingError, check_vocab
 
@@ -57,8 +65,6 @@ def rollout_sampling(cfg: Config) -> Sampling:
 
 def eval_problems(cfg: Config) -> list[Problem]:
     """The validation problems pass@1 is measured on (the same for every evaluation of a run)."""
-    from train.reward_labels import plan_problems
-
     return plan_problems(cfg.data.mixture, cfg.rl.eval_problems, split="validation", seed=cfg.seed)
 
 
@@ -91,19 +97,12 @@ def policy_pass_at_1(checkpoint: str | Path, problems: list[Problem], *, samples
     What the demo compares before and after RL; the policy's own rl.* settings (prompt width,
     completion length) apply.
     """
-    from train.state import state_layout
-
-    config = find_run_config(Path(checkpoint))
-    if config is None:
-        raise FileNotFoundError(f"{checkpoint}: no config.yaml in the run directory")
-    cfg = load_config(config, list(overrides))
-    mesh = mesh or make_mesh(cfg.mesh)
-    layout = state_layout(cfg, mesh)
-    params = load_params(checkpoint, layout.abstract["params"])
-    worker = RolloutWorker(cfg, mesh, get_vocabulary(cfg.data.vocab), layout.shardings["params"])
+    policy = load_policy(checkpoint, overrides=overrides, mesh=mesh)
+    cfg = policy.cfg
+    worker = RolloutWorker(cfg, policy.mesh, policy.vocab, jax.tree.map(lambda a: a.sharding, policy.params))
     sampling = Sampling(temperature, cfg.rl.top_k, cfg.rl.top_p)
-    return evaluate_pass_at_1(worker, worker.rollout_params(params), problems, samples=samples, sampling=sampling,
-                              seed=seed, rows=cfg.rl.prompts_per_step * cfg.rl.group_size)
+    return evaluate_pass_at_1(worker, worker.rollout_params(policy.params), problems, samples=samples,
+                              sampling=sampling, seed=seed, rows=cfg.rl.prompts_per_step * cfg.rl.group_size)
 
 
 def with_policy(cfg: Config, init_from: str | Path, run_dir: str | Path, **rl_settings) -> Config:
@@ -148,11 +147,10 @@ def train_rl(cfg: Config, *, show_progress: bool = True, mesh=None) -> dict:
     layout = learner.layout
     stream = PromptStream(cfg, vocab)
     with contextlib.ExitStack() as cleanup:
-        checkpoints = Checkpoints(run_dir / "checkpoints", save_every=rl.checkpoint_every, keep=rl.keep_checkpoints)
-        cleanup.callback(checkpoints.close)
-        cleanup.callback(checkpoints.wait)
+        checkpoints = cleanup.enter_context(  # closed on exit: a failed save raises unless another error does
+            Checkpoints(run_dir / "checkpoints", save_every=rl.checkpoint_every, keep=rl.keep_checkpoints))
         try:
-            reference = load_params(policy_path, layout.abstract["params"])  # frozen, sharded like the policy
+            reference = ReferenceModel(learner, load_params(policy_path, layout.abstract["params"]))  # frozen
             if checkpoints.latest_step() is not None:
                 step, state = checkpoints.restore(layout.abstract, data=stream)
                 resumed = f"resumed from step {step}"
@@ -167,7 +165,7 @@ def train_rl(cfg: Config, *, show_progress: bool = True, mesh=None) -> dict:
 
 
 def _loop(cfg: Config, mesh, vocab, learner: Learner, stream: PromptStream, checkpoints: Checkpoints, state, step: int,
-          reference, resumed: str, show_progress: bool, cleanup: contextlib.ExitStack) -> dict:
+          reference: ReferenceModel, resumed: str, show_progress: bool, cleanup: contextlib.ExitStack) -> dict:
     """The steps from `step` to rl.steps, with metrics, evaluations and checkpoints."""
     rl, run_dir, layout = cfg.rl, Path(cfg.rl.run_dir), learner.layout
 
@@ -206,7 +204,7 @@ def _loop(cfg: Config, mesh, vocab, learner: Learner, stream: PromptStream, chec
     if log is not None:
         cleanup.callback(log.close)
     while step < rl.steps:
-        state, metrics, record = _rl_step(cfg, state, reference, stream, worker, learner, distiller, step + 1)
+        state, metrics, record = _rl_step(cfg, state, stream, worker, learner, reference, distiller, step + 1)
         step += 1
         nonfinite = 0 if metrics.pop("finite") else nonfinite + 1
         if nonfinite >= cfg.train.max_nonfinite_steps:
@@ -231,89 +229,46 @@ def _loop(cfg: Config, mesh, vocab, learner: Learner, stream: PromptStream, chec
                    **({"pass_at_1_start": start_eval["pass_at_1"]} if start_eval else {})}
 
 
-def _rl_step(cfg: Config, state, reference, stream: PromptStream, worker: RolloutWorker, learner: Learner,
-             distiller, step: int):
-    """One sample -> score -> update round; returns (state, metrics, the rollouts.jsonl record)."""
-    rl = cfg.rl
-    groups = rl.group_size
-    step_key = stream.next_key()
-    sampled_items = stream.take(rl.prompts_per_step * rl.oversample)
-    problems = [p for _, p in sampled_items for _ in range(groups)]
-    keys = row_keys(step_key, [i for i, _ in sampled_items for _ in range(groups)],
-                    list(range(groups)) * len(sampled_items))
+def _rl_step(cfg: Config, state, stream: PromptStream, worker: RolloutWorker, learner: Learner,
+             reference: ReferenceModel, distiller, step: int):
+    """One sample -> score -> update round; returns (state, metrics, the rollouts.jsonl record).
 
-    start = time.perf_counter()
-    rollout_params = worker.rollout_params(state["params"])
-    out = worker(rollout_params, [p.prompt for p in problems], keys, rollout_sampling(cfg))
-    rollout_seconds = time.perf_counter() - start
-    texts = [decode_text(worker.vocab, out.tokens[r, : out.num[r]]) for r in range(len(problems))]
-    scored = score_rollouts(problems, texts, out.finished, rl)
-
-    if rl.algorithm == "grpo":
-        advantages = np.asarray(group_advantages(scored.reward.reshape(-1, groups), std_normalize=rl.std_normalize))
-        advantages, weights = advantages.reshape(-1), np.ones(len(problems), np.float32)
-        informative = (advantages.reshape(-1, groups) != 0).any(axis=1)
-    else:
-        advantages = np.zeros(len(problems), np.float32)
-        weights = (scored.correct & out.finished).astype(np.float32)
-        informative = weights.reshape(-1, groups).any(axis=1)
-    kept = _kept_groups(informative, rl.prompts_per_step)
-    rows_kept = (kept[:, None] * groups + np.arange(groups)[None, :]).reshape(-1)
-    items = [sampled_items[g] for g in kept]
-    prompts = [problems[r].prompt for r in rows_kept]
-    completions = [out.tokens[r, : out.num[r]] for r in rows_kept]
-    advantages, weights = advantages[rows_kept], weights[rows_kept]
-    sampler_logprobs = out.logprobs[rows_kept]
+    The roles, in order: the rollout worker samples and scores groups, `choose_rows` keeps
+    groups and weighs their rows (plus the search's verified chains), `build_examples` adds
+    old-policy and reference log-probs, the learner updates, `step_metrics` reports.
+    """
+    rollouts = sample_groups(worker, stream, state["params"], rollout_sampling(cfg))
+    rows = choose_rows(rollouts, cfg.rl)
     search_metrics: dict = {}
     if distiller is not None:
-        chains, found, search_metrics = distiller(rollout_params, [p for _, p in items],
-                                                  jax.random.fold_in(step_key, 1 << 30), [i for i, _ in items])
-        prompts += [p.prompt for _, p in items]
-        completions += chains
-        advantages = np.concatenate([advantages, np.zeros(len(items), np.float32)])
-        weights = np.concatenate([weights, found.astype(np.float32)])
-
-    # nothing to learn from (EI: no verified row; GRPO: uniform groups and no KL term): no optimizer step, so
-    # Adam's momentum does not move the params on a zero gradient
-    trainable = weights.sum() > 0 if rl.algorithm != "grpo" else bool(np.any(advantages != 0) or rl.kl_coef > 0)
+        chains, found, search_metrics = distiller(rollouts.params, [p for _, p in rows.items],
+                                                  jax.random.fold_in(rollouts.key, 1 << 30), [i for i, _ in rows.items])
+        rows = rows.with_chains(chains, found)
     start = time.perf_counter()
-    step_metrics: list[dict] = []
-    extra: dict = {}
-    if trainable:
-        batch = sequences(worker.vocab, prompts, completions, learner.width)
-        # columns up to the last with a loss, in buckets: the learner's work follows the text, not the limits
-        # (the positions cut hold padding or a row's last token, whose prediction nothing trains; attention
-        # is causal, so what the kept positions see is unchanged)
-        used = np.flatnonzero(batch["loss_mask"].any(axis=0))
-        width = learner.batch_width(int(used[-1]) + 1 if used.size else 1)
-        batch = {name: column[:, :width] for name, column in batch.items()}
-        batch |= {"advantages": advantages.astype(np.float32), "weights": weights}
-        device_batch = learner.put({k: batch[k] for k in ("tokens", "targets")})
-        old = np.asarray(jax.device_get(learner.logprobs(state["params"], device_batch)))
-        ref = np.asarray(jax.device_get(learner.logprobs(reference, device_batch)))
-        batch |= {"old_logprobs": old, "ref_logprobs": ref}
-        sampled = batch["loss_mask"][: len(rows_kept)]  # the kept sampled rows (search chains come after them)
-        extra["rollout_logprob_gap"] = float(  # how far the sampler's log-probs are from the trainer's
-            np.abs((old[: len(rows_kept)] - _sampler_logprobs(sampler_logprobs, sampled)) * sampled).sum()
-            / max(sampled.sum(), 1.0))
-    rows = len(prompts)
-    for epoch in range(rl.epochs if trainable else 0):
-        order = np.random.default_rng([rl.seed, step, epoch]).permutation(rows)
-        for m in range(rl.minibatches):
-            picked = order[m :: rl.minibatches]
-            state, metrics = learner.step(state, learner.put({k: v[picked] for k, v in batch.items()}))
-            step_metrics.append(metrics)
-    step_metrics = [{k: float(v) for k, v in m.items()} for m in jax.device_get(step_metrics)]
+    examples = None  # nothing to learn from: no optimizer step (Adam's momentum would move the params)
+    if rows.trainable(cfg.rl):
+        examples = build_examples(rows, worker.vocab, learner, state["params"], reference)
+    state, updates = learner.update(state, examples, step)
     train_seconds = time.perf_counter() - start
+    gap = {"rollout_logprob_gap": rollout_logprob_gap(examples, rows)} if examples is not None else {}
+    metrics = step_metrics(cfg.rl, rollouts, rows, updates, gap, train_seconds, stream.skipped) | search_metrics
+    record = {"stream": [i for i, _ in rollouts.items], "trained": [i for i, _ in rows.items],
+              "problems": [p.id for _, p in rollouts.items],
+              "reward": [round(float(r), 4) for r in rollouts.scored.reward], "sample": rollouts.texts[0]}
+    return state, metrics | {"finite": all(m["finite"] for m in updates)}, record
 
-    trained = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]} if step_metrics else {}
-    trained_tokens = sum(m["trained_tokens"] for m in step_metrics)
-    finite = all(m["finite"] for m in step_metrics)
+
+def step_metrics(rl: RLConfig, rollouts: GroupRollouts, rows: ChosenRows, updates: list[dict[str, float]],
+                 extra: dict, train_seconds: float, skipped: int) -> dict[str, float]:
+    """A step's metrics: the optimizer steps' means, then rewards, lengths, speeds and the groups kept."""
+    scored, out = rollouts.scored, rollouts.rollouts
+    trained = {k: float(np.mean([m[k] for m in updates])) for k in updates[0]} if updates else {}
+    trained_tokens = sum(m["trained_tokens"] for m in updates)
     trained.pop("finite", None)
     trained |= extra
-    grouped = scored.correct.reshape(-1, groups)
+    grouped = scored.correct.reshape(-1, rollouts.group_size)
     generated = int(out.num.sum())
-    metrics = trained | {
+    return trained | {
         "reward_mean": float(scored.reward.mean()), "reward_std": float(scored.reward.std()),
         "reward_min": float(scored.reward.min()), "reward_max": float(scored.reward.max()),
         "correct": float(scored.correct.mean()),
@@ -321,37 +276,11 @@ def _rl_step(cfg: Config, state, reference, stream: PromptStream, worker: Rollou
         "groups_none_correct": float((~grouped).all(axis=1).mean()),
         "completion_length": float(out.num.mean()), "completion_length_max": float(out.num.max()),
         "over_length": float((~out.finished).mean()),
-        "rollout_tokens_per_s": generated / rollout_seconds, "rollout_s": rollout_seconds,
+        "rollout_tokens_per_s": generated / rollouts.seconds, "rollout_s": rollouts.seconds,
         "train_tokens_per_s": trained_tokens / train_seconds if trained_tokens else 0.0, "train_s": train_seconds,
-        "kept": float(weights.mean()), "prompts_skipped": float(stream.skipped),
-        "groups_informative": float(informative.mean()),  # of the sampled groups: some signal to learn from
-        "groups_trained_informative": float(informative[kept].mean()),
-        "optimizer_steps": float(len(step_metrics)),
+        "kept": float(rows.weights.mean()), "prompts_skipped": float(skipped),
+        "groups_informative": float(rows.informative.mean()),  # of the sampled groups: some signal to learn from
+        "groups_trained_informative": float(rows.informative[rows.kept].mean()),
+        "optimizer_steps": float(len(updates)),
     } | ({"steps_correct": float(scored.steps_correct.mean())} if rl.step_reward else {}) | {
-        f"verifier/{reason}": count / len(texts) for reason, count in sorted(scored.reasons.items())} | search_metrics
-    record = {"stream": [i for i, _ in sampled_items], "trained": [i for i, _ in items],
-              "problems": [p.id for _, p in sampled_items],
-              "reward": [round(float(r), 4) for r in scored.reward], "sample": texts[0]}
-    return state, metrics | {"finite": finite}, record
-
-
-def _kept_groups(informative: np.ndarray, count: int) -> np.ndarray:
-    """Indices of the `count` groups to train on, in stream order: informative groups first.
-
-    With rl.oversample = 1 that is every group. With more, the first `count` groups that carry
-    a signal (GRPO: rewards not all equal; expert iteration: a verified completion), topped up
-    with uniform ones when too few do, so the learner's batch keeps its shape (DAPO's dynamic
-    sampling, without re-sampling).
-    """
-    order = np.argsort(~informative, kind="stable")[:count]
-    return np.sort(order)
-
-
-def _sampler_logprobs(logprobs: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The sampler's per-token log-probs [R, N] placed where the loss mask [R, W] puts the completion."""
-    placed = np.zeros(mask.shape, np.float32)
-    for r in range(len(mask)):
-        positions = np.flatnonzero(mask[r])
-        placed[r, positions] = logprobs[r, : len(positions)]
-    return placed
-
+        f"verifier/{reason}": count / len(rollouts.texts) for reason, count in sorted(scored.reasons.items())}

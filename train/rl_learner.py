@@ -4,6 +4,8 @@
     width = learner.batch_width(longest)          # columns of a batch whose longest row has `longest` tokens
     logp = learner.logprobs(params, batch)        # [R, W] log p(target) under params (old policy, reference)
     state, metrics = learner.step(state, batch)   # one optimizer step on a minibatch (donates the state)
+    state, metrics = learner.update(state, examples, step)  # an RL step's epochs x minibatches of TrainExamples
+    reference = ReferenceModel(learner, params)   # the frozen policy of the KL term: its log-probs
 
 Both are compiled ahead of time with explicit in/out shardings, like the SFT trainer's step:
 params and optimizer state in the training layout (`state_layout`), batches split over the
@@ -18,6 +20,7 @@ divides by the summed loss denominator, so the split never changes the update.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from configs.schema import Config
 from model.sharding import batch_sharding, constrain
 from train.optim import learning_rate_schedule
+from train.rl_examples import TrainExamples
 from train.rl_loss import LossSettings, policy_loss_sums, token_logprobs_and_entropy
 from train.state import StateLayout, state_layout
 
@@ -148,6 +152,22 @@ class Learner:
         with jax.set_mesh(self.mesh):
             return self._steps[key](state, batch)
 
+    def update(self, state, examples: TrainExamples | None, step: int) -> tuple[Any, list[dict[str, float]]]:
+        """rl.epochs passes over `examples` in rl.minibatches optimizer steps; returns (state, each step's metrics).
+
+        Each epoch shuffles the rows by (rl.seed, step, epoch), so a resumed run repeats the same
+        minibatches; minibatch m takes the shuffled rows m, m + minibatches, ... No examples: no step.
+        """
+        rl, metrics = self.cfg.rl, []
+        batch = examples.features() if examples is not None else {}
+        for epoch in range(rl.epochs if examples is not None else 0):
+            order = np.random.default_rng([rl.seed, step, epoch]).permutation(examples.rows)
+            for m in range(rl.minibatches):
+                picked = order[m :: rl.minibatches]
+                state, step_metrics = self.step(state, self.put({k: v[picked] for k, v in batch.items()}))
+                metrics.append(step_metrics)
+        return state, [{k: float(v) for k, v in m.items()} for m in jax.device_get(metrics)]
+
     def _make_step(self):
         graphdef, optimizer, settings = self.layout.graphdef, self.layout.optimizer, self.settings
         parts, rules = self.cfg.rl.microbatches, self.rules
@@ -200,3 +220,14 @@ def _shardings(abstract: dict) -> dict:
 def optimizer_schedule(cfg: Config):
     """The learning rate at each optimizer step of the RL run."""
     return learning_rate_schedule(cfg.optimizer, optimizer_steps(cfg))
+
+
+class ReferenceModel:
+    """The frozen policy the KL term pulls towards: its params (training layout, never updated) and log-probs."""
+
+    def __init__(self, learner: Learner, params: Any):
+        self.learner, self.params = learner, params
+
+    def logprobs(self, batch: dict[str, jax.Array]) -> jax.Array:
+        """log p(targets) [R, W] under the reference, by the learner's compiled function."""
+        return self.learner.logprobs(self.params, batch)

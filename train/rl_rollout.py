@@ -1,9 +1,10 @@
 """What RL learns from: a resumable prompt stream, rollouts with the jitted sampler on the mesh, verified rewards.
 
     stream = PromptStream(cfg, vocab)                  # problem i of the stream from (seed, problem_start + i)
-    worker = RolloutWorker(cfg, mesh, param_shardings)  # reshards params on device, samples in one jitted call
-    batch = worker(params, prompts, keys)               # RolloutBatch: tokens, num, finished (host arrays)
+    worker = RolloutWorker(cfg, mesh, vocab, param_shardings)  # reshards params on device, samples in one call
+    batch = worker(params, prompts, keys, sampling)    # Rollouts: tokens, logprobs, num, finished (host arrays)
     scored = score_rollouts(problems, texts, finished, rl_cfg)
+    step = sample_groups(worker, stream, params, sampling)  # one RL step's groups, sampled and scored
 
 The stream is the RL loop's checkpointed state besides the train state: its position and
 the RNG key, saved and restored with the same protocol as the data pipeline (`save`,
@@ -18,6 +19,7 @@ import re
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from configs.schema import Config, RLConfig
 from model.sharding import batch_sharding, state_shardings
 from model.transformer import Transformer
-from search.sampler import EOS_ID, PAD_ID, Sampling, encode_prompts, generate
+from search.sampler import EOS_ID, PAD_ID, Sampling, decode_text, encode_prompts, generate
 from tasks import get_task
 from tasks.base import Problem, final_answer
 from train.data.sources import Component
@@ -256,6 +258,45 @@ def score_rollouts(problems: list[Problem], texts: list[str], finished: np.ndarr
             score += rl.step_reward * steps_correct[r] + (rl.format_reward if final_answer(text) is not None else 0.0)
         reward[r] = score
     return Scored(reward, correct, reasons, steps_correct)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupRollouts:
+    """One RL step's samples: rl.group_size completions of each of its problems, decoded and scored.
+
+    Row r = g * group_size + k is sample k of group g (the problem items[g]); problems, texts: [R].
+    `params` are the rollout-layout params they were sampled with, `key` the step's key.
+    """
+
+    items: list[tuple[int, Problem]]
+    problems: list[Problem]
+    rollouts: Rollouts
+    texts: list[str]
+    scored: Scored
+    key: jax.Array
+    params: Any
+    group_size: int
+    seconds: float
+
+
+def sample_groups(worker: RolloutWorker, stream: PromptStream, params, sampling: Sampling) -> GroupRollouts:
+    """The next rl.prompts_per_step x rl.oversample problems of `stream`, rl.group_size samples each, scored.
+
+    Row keys come from the stream's next key, the problem's stream index and the sample number.
+    `params`: the policy in the training layout (resharded here to the rollout layout).
+    """
+    rl, groups = worker.cfg.rl, worker.cfg.rl.group_size
+    step_key = stream.next_key()
+    items = stream.take(rl.prompts_per_step * rl.oversample)
+    problems = [p for _, p in items for _ in range(groups)]
+    keys = row_keys(step_key, [i for i, _ in items for _ in range(groups)], list(range(groups)) * len(items))
+    start = time.perf_counter()
+    rollout_params = worker.rollout_params(params)
+    out = worker(rollout_params, [p.prompt for p in problems], keys, sampling)
+    seconds = time.perf_counter() - start
+    texts = [decode_text(worker.vocab, out.tokens[r, : out.num[r]]) for r in range(len(problems))]
+    return GroupRollouts(items, problems, out, texts, score_rollouts(problems, texts, out.finished, rl), step_key,
+                         rollout_params, groups, seconds)
 
 
 def sequences(vocab, prompts: list[str], completions: list[np.ndarray], width: int) -> dict[str, np.ndarray]:

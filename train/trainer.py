@@ -10,6 +10,7 @@ that restores (state and data position from the same step).
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -177,10 +178,11 @@ def train(cfg: Config, *, show_progress: bool = True) -> dict:
         writer.progress(step, {})
         return last | {"step": step, "stopped": "done"}
     finally:
-        checkpoints.wait()
-        checkpoints.close()
-        writer.close()
-        preemption.close()
+        try:  # a failed save raises here, unless the run is stopping on another error: then that one propagates
+            checkpoints.close(stopping_on=sys.exc_info()[1])
+        finally:
+            writer.close()
+            preemption.close()
 
 
 def data_source(cfg: Config, split: str = "train") -> HostShards:
