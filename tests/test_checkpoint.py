@@ -31,6 +31,7 @@ from train import checkpoint_read
 from train.checkpoint import CheckpointError, Checkpoints, load_params
 from train.checkpoint_read import transient
 from train.data import DataStateError, Pipeline
+from train.data.shards import HostShards
 from train.state import opt_state_shardings, with_shardings
 
 # A restore that fails part-way (the corruption tests) leaves orbax's pending array reads to be
@@ -90,7 +91,7 @@ def run(cfg, tmp_path_factory):
     params, opt_state = one_update(params)
     directory = tmp_path_factory.mktemp("run") / "checkpoints"
     checkpoints = Checkpoints(directory, save_every=1, keep=3)
-    pipeline = Pipeline(cfg.data, shard_index=0, num_shards=1)
+    pipeline = _one_shard(cfg)
     batches, states = [next(pipeline)], {}
     for step in STEPS:
         states[step] = {"params": params, "opt_state": opt_state, "step": jnp.asarray(step, jnp.int32)}
@@ -131,7 +132,7 @@ def test_restore_onto_another_mesh(run, cfg, shape):
 
 def test_data_position_resumes_exactly(run, cfg):
     checkpoints = Checkpoints(run["dir"], save_every=1, keep=3)
-    pipeline = Pipeline(cfg.data, shard_index=0, num_shards=1)
+    pipeline = _one_shard(cfg)
     abstract = _abstract_state(cfg, run["mesh"])
     for step in (3, 1):
         assert checkpoints.restore(abstract, data=pipeline, step=step)[0] == step
@@ -139,10 +140,16 @@ def test_data_position_resumes_exactly(run, cfg):
         batch, expected = next(pipeline), run["batches"][step]
         for name in expected:
             np.testing.assert_array_equal(batch[name], expected[name], err_msg=name)
-    other_seed = Pipeline(cfg.data, seed=1, shard_index=0, num_shards=1)
+    other_seed = _one_shard(cfg, seed=1)
     with pytest.raises(DataStateError, match="different data settings"):  # not damage: no fallback
         checkpoints.restore(abstract, data=other_seed)
     checkpoints.close()
+
+
+def _one_shard(cfg, seed=0) -> HostShards:
+    """The data position a one-process run checkpoints: its one data shard."""
+    return HostShards(lambda k, n: Pipeline(cfg.data, seed=seed, shard_index=k, num_shards=n), 1,
+                      process_index=0, process_count=1)
 
 
 def _truncate_largest_array_file(step_dir: Path) -> None:
@@ -155,7 +162,7 @@ CORRUPTIONS = {
     "garbled-tree-metadata": (lambda d: (d / "state" / "_METADATA").write_text("{not json"), "JSONDecodeError"),
     "missing-checkpoint-metadata": (lambda d: (d / "_CHECKPOINT_METADATA").unlink(), "_CHECKPOINT_METADATA"),
     "missing-array-manifest": (lambda d: (d / "state" / "manifest.ocdbt").unlink(), "NOT_FOUND"),
-    "missing-data-position": (lambda d: shutil.rmtree(d / "data" / "host-0-of-1"), "host-0-of-1"),
+    "missing-data-position": (lambda d: shutil.rmtree(d / "data" / "shard-0-of-1"), "shard-0-of-1"),
     "metadata-replaced-by-a-directory": (lambda d: ((d / "_CHECKPOINT_METADATA").unlink(),
                                                     (d / "_CHECKPOINT_METADATA").mkdir()), "IsADirectoryError"),
 }
@@ -168,7 +175,7 @@ def test_corrupted_latest_checkpoint_falls_back(run, cfg, tmp_path, corruption, 
     damage(directory / "3")
     files_before = sorted(str(p) for p in directory.rglob("*"))
     checkpoints = Checkpoints(directory, save_every=1, keep=3)
-    pipeline = Pipeline(cfg.data, shard_index=0, num_shards=1) if corruption == "missing-data-position" else None
+    pipeline = _one_shard(cfg) if corruption == "missing-data-position" else None
     with pytest.warns(UserWarning) as caught:
         step, state = checkpoints.restore(_abstract_state(cfg, run["mesh"]), data=pipeline)
     assert step == 2 and int(state["step"]) == 2

@@ -10,6 +10,7 @@ from model.sharding import make_mesh
 from tasks import get_task
 from tasks.base import solution_text
 from train.data import DataStateError, Pipeline, get_vocabulary, padded_vocab_size, to_global, train_sentencepiece
+from train.data.shards import HostShards
 from train.data.sources import register_component
 
 RULES = (("batch", ("data", "fsdp")),)
@@ -105,11 +106,11 @@ def test_resume_yields_exactly_the_next_batch(tmp_path, mixture):
             np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
-def test_restore_refuses_another_host_count_or_other_settings(tmp_path):
+def test_restore_refuses_another_shard_count_or_other_settings(tmp_path):
     pipeline = Pipeline(_cfg(batch_size=8), shard_index=0, num_shards=2)
     next(pipeline)
     pipeline.save(tmp_path / "data")
-    with pytest.raises(DataStateError, match="saved by 2 hosts but this run has 1"):
+    with pytest.raises(DataStateError, match="saved as 2 data shards but this run reads 1; .* Set data.shards=2"):
         Pipeline(_cfg(batch_size=8), shard_index=0, num_shards=1).restore(tmp_path / "data")
     with pytest.raises(DataStateError, match="seq_len"):
         Pipeline(_cfg(batch_size=8, seq_len=96), shard_index=0, num_shards=2).restore(tmp_path / "data")
@@ -165,3 +166,30 @@ def test_examples_cut_by_the_sequence_length_are_counted_and_warned_about():
     fits = Pipeline(_cfg(), shard_index=0, num_shards=1)
     next(fits)
     assert fits.truncated_examples == 0 and fits.examples_read > 4
+
+
+def test_one_host_reading_two_shards_sees_what_two_hosts_see_and_resumes_on_either(tmp_path):
+    """data.shards=2: one process's batch is the two processes' batches one after the other, and a
+    position saved by one process restores onto two (and back) without repeating or skipping."""
+    cfg = _cfg(batch_size=8)
+
+    def host(index, count, seed=0):
+        return HostShards(lambda k, n: Pipeline(cfg, seed=seed, shard_index=k, num_shards=n), 2,
+                          process_index=index, process_count=count)
+
+    alone, pair = host(0, 1), [host(0, 2), host(1, 2)]
+    assert list(alone.shards) == [0, 1] and [list(h.shards) for h in pair] == [[0], [1]]
+    for _ in range(2):
+        together = next(alone)
+        apart = [next(h) for h in pair]
+        for name in together:
+            np.testing.assert_array_equal(together[name], np.concatenate([b[name] for b in apart]), err_msg=name)
+    alone.save(tmp_path / "one")
+    expected = next(alone)
+    resumed = [host(0, 2), host(1, 2)]
+    for h in resumed:
+        h.restore(tmp_path / "one")
+    got = [next(h) for h in resumed]
+    np.testing.assert_array_equal(expected["tokens"], np.concatenate([b["tokens"] for b in got]))
+    with pytest.raises(DataStateError, match="does not split evenly over 3 processes"):
+        host(0, 3)

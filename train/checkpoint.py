@@ -7,7 +7,7 @@
     ckpt.close()
 
 On disk (a local or mounted filesystem that every host sees):
-`directory/<step>/{state/, config/metadata, data/host-I-of-N/, _CHECKPOINT_METADATA}`.
+`directory/<step>/{state/, config/metadata, data/shard-I-of-N/, _CHECKPOINT_METADATA}`.
 A step is written as `<step>.orbax-checkpoint-tmp*` and renamed once every item of every
 process has committed, so a run killed mid-save leaves only a tmp dir that is never listed
 as a step; earlier steps are untouched, and opening the directory again removes the tmp dir.
@@ -36,7 +36,7 @@ from jax.experimental import multihost_utils
 
 from configs.schema import Config
 from train.checkpoint_read import CheckpointError, describe, newest_readable
-from train.data.pipeline import Pipeline
+from train.data.shards import HostShards
 
 METADATA_FILE = "_CHECKPOINT_METADATA"
 # what orbax names a step while it is being written (`<step>.orbax-checkpoint-tmp`, maybe `-<timestamp>`)
@@ -44,14 +44,14 @@ UNFINISHED_STEP = re.compile(rf"^\d+{re.escape(ocp.utils.TMP_DIR_SUFFIX)}(-\d+)?
 
 
 class DataHandler(ocp.CheckpointHandler):
-    """The data item: a Pipeline position, one `host-I-of-N` subdirectory per process.
+    """The data item: the data position, one `shard-I-of-N` subdirectory per data shard (train.data.shards).
 
     Synchronous on purpose: orbax runs non-async handlers to completion inside `save()`, so
     the tf.data iterator is captured at the step being saved, not later in a background
     thread. Multi-host: orbax creates the (temporary) item directory on the primary host and
     signals the other processes before any handler runs; every process then writes only its
-    own subdirectory and removes nothing else (`Pipeline.save` replaces just its own
-    `host-I-of-N`), and the primary renames the step once all processes have committed. As
+    own shards' subdirectories and removes nothing else, and the primary renames the step
+    once all processes have committed. As
     for orbax's array writes, `directory` must be on a filesystem every host sees.
     `Checkpoints.restore` calls `restore` itself, host-locally after orbax's collective part.
     """
@@ -60,26 +60,17 @@ class DataHandler(ocp.CheckpointHandler):
         args.pipeline.save(Path(directory))
 
     def restore(self, directory: epath.Path, args: DataRestore) -> int:
-        self.check(Path(directory), args.pipeline)
+        args.pipeline.check(Path(directory))
         args.pipeline.restore(Path(directory))
         return args.pipeline.batches_read
-
-    @staticmethod
-    def check(directory: Path, pipeline: Pipeline) -> None:
-        """Raises FileNotFoundError if this host's saved position is missing (damage, not a settings change)."""
-        own = directory / f"host-{pipeline.shard_index}-of-{pipeline.num_shards}"
-        saved = [p.name for p in directory.glob("host-*-of-*")]
-        other_host_count = saved and not any(name.endswith(f"-of-{pipeline.num_shards}") for name in saved)
-        if not (own / "state.json").is_file() and not other_host_count:  # else Pipeline raises DataStateError
-            raise FileNotFoundError(f"{own}: no data position saved for this host")
 
 
 @ocp.args.register_with_handler(DataHandler, for_save=True)
 @dataclasses.dataclass
 class DataSave(ocp.args.CheckpointArgs):
-    """Saves `pipeline`'s position (this process's shard) as the `data` item."""
+    """Saves `pipeline`'s position (this process's shards) as the `data` item."""
 
-    pipeline: Pipeline
+    pipeline: HostShards
 
 
 @ocp.args.register_with_handler(DataHandler, for_restore=True)
@@ -87,7 +78,7 @@ class DataSave(ocp.args.CheckpointArgs):
 class DataRestore(ocp.args.CheckpointArgs):
     """Moves `pipeline` to the saved position: its next batch is the one after the saved step."""
 
-    pipeline: Pipeline
+    pipeline: HostShards
 
 
 class Checkpoints:
@@ -114,7 +105,7 @@ class Checkpoints:
     def __exit__(self, exc_type, exc, traceback) -> None:
         self.close(stopping_on=exc)
 
-    def save(self, step: int, state: Any, *, data: Pipeline | None = None, config: Config | None = None,
+    def save(self, step: int, state: Any, *, data: HostShards | None = None, config: Config | None = None,
              force: bool = False) -> bool:
         """Starts saving `state` (a pytree of jax.Arrays, possibly sharded), the data position and config.
 
@@ -170,14 +161,15 @@ class Checkpoints:
         """Every committed step, oldest first."""
         return sorted(self._manager.all_steps())
 
-    def restore(self, abstract_state: Any, *, data: Pipeline | None = None, step: int | None = None) -> tuple[int, Any]:
+    def restore(self, abstract_state: Any, *, data: HostShards | None = None,
+                step: int | None = None) -> tuple[int, Any]:
         """Restores `(step, state)`, each array onto the sharding its ShapeDtypeStruct carries.
 
         The mesh may differ from the one saved with (shape, device count). Tries `step` (default:
         the newest), then each older step, warning about every one that fails to read back; with
         `data`, the pipeline position comes from the same step as the state. Raises CheckpointError
         when none reads back, and the pipeline's DataStateError (no fallback: not damage) when the
-        position was saved with other data settings or another host count.
+        position was saved with other data settings or another number of data shards.
         """
         self.wait()
         steps = [s for s in self.all_steps() if step is None or s <= step]
@@ -187,7 +179,7 @@ class Checkpoints:
         def check(step_dir: Path) -> None:
             _check_state(step_dir)
             if data is not None:
-                DataHandler.check(step_dir / "data", data)
+                data.check(step_dir / "data")
 
         def read(step_dir: Path) -> Any:
             args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
