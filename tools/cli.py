@@ -113,6 +113,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.exit(status or 0)
 
 
+def report(text: str) -> None:
+    """Prints `text` on process 0 only: a job's result is said once, not once per host."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(text)
+
+
 def simulate_cpu_devices(count: int) -> None:
     """Makes jax (not yet imported) see `count` CPU devices."""
     if "jax" in sys.modules:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tools.cli import add_config_arguments, config_from_args
+from tools.cli import add_config_arguments, config_from_args, report
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,5 +38,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"ponder train: error: {err}", file=sys.stderr)
         return 2
     shown = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in result.items()}
-    print("ponder train: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+    report("ponder train: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     return 0

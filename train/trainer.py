@@ -20,6 +20,7 @@ import numpy as np
 
 from configs.load import save_config
 from configs.schema import Config
+from model.distributed import check_shared_directory
 from model.sharding import make_mesh
 from train.checkpoint import CheckpointError, Checkpoints, load_params, missing_params
 from train.data import Pipeline, get_vocabulary, padded_vocab_size, to_global
@@ -72,6 +73,7 @@ def train(cfg: Config, *, show_progress: bool = True) -> dict:
     check_vocab(cfg)
     tc = cfg.train
     run_dir = Path(tc.run_dir)
+    check_shared_directory(run_dir)  # several hosts must share one run directory (a no-op on one)
     mesh = make_mesh(cfg.mesh)
     rules = cfg.rules()
     if jax.process_index() == 0:

@@ -1,0 +1,154 @@
+"""Many hosts, for real: `ponder train` as 2 local processes x 4 CPU devices (gloo collectives).
+
+Every run is a real `ponder launch local` (or a single `ponder train` process) of the tiny
+config; the runs share the session's persistent compilation cache, so only the first
+compiles. `data.shards=2` makes the global batch the same whatever the process count.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs.load import load_config
+from model.sharding import make_mesh
+from train.checkpoint import load_params
+from train.state import state_layout
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = "configs/experiments/tiny.yaml"
+STEPS = 20
+OVERRIDES = [f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0", "data.shards=2", "optimizer.decay=constant",
+             "train.checkpoint_every=5", "train.keep_checkpoints=10"]
+
+
+def _env():
+    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+
+
+def launch(run_dir, *overrides, hosts=2):
+    """Starts `ponder train` on `hosts` local processes (4 devices each), or on one process of 8 devices."""
+    train = ["train", "--no-progress", "--config", CONFIG, *OVERRIDES, f"train.run_dir={run_dir}", *overrides]
+    if hosts == 1:
+        command = [sys.executable, "-m", "tools.cli", "--devices", "8", *train]
+    else:
+        command = [sys.executable, "-m", "tools.cli", "launch", "local", "--hosts", str(hosts),
+                   "--devices-per-host", "4", "--", "ponder", *train]
+    return subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def finish(process, timeout=600) -> str:
+    out, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, out[-4000:]
+    return out
+
+
+def losses(run_dir) -> dict[int, float]:
+    """step -> training loss, the last record of each step (a resumed run writes its steps again)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r.get("loss") is not None}
+
+
+def params(run_dir):
+    cfg = load_config(str(run_dir / "config.yaml"))
+    layout = state_layout(cfg, make_mesh(cfg.mesh))
+    return jax.tree.map(np.asarray, load_params(run_dir, layout.abstract["params"]))
+
+
+def steps_saved(run_dir) -> list[int]:
+    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def wait_for_step(run_dir, step: int, process, timeout=300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while max(losses(run_dir), default=0) < step if (run_dir / "metrics.jsonl").exists() else True:
+        assert process.poll() is None, process.communicate()[0][-4000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A 2-process run straight through its 20 steps."""
+    run_dir = tmp_path_factory.mktemp("multihost") / "uninterrupted"
+    out = finish(launch(run_dir))
+    assert out.count("ponder train: accuracy=") == 1, out[-4000:]  # the result is said once, by host 0
+    return run_dir
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(uninterrupted, tmp_path):
+    single = tmp_path / "single"
+    finish(launch(single, hosts=1))
+    two, one = losses(uninterrupted), losses(single)
+    assert sorted(two) == sorted(one) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([two[s] for s in one], list(one.values()), rtol=0, atol=1e-5)
+    assert one[STEPS] < one[1] - 1.0  # it learned: the comparison is not between two flat lines
+    for hosts in (0, 1):
+        assert (uninterrupted / "logs" / f"host-{hosts}.log").is_file()
+
+
+def test_preempted_killed_and_resumed_on_other_process_counts_ends_like_an_uninterrupted_run(uninterrupted,
+                                                                                              tmp_path):
+    """SIGTERM to the launcher (both hosts save one step, exit 0); resume on 1 process; resume on 2
+    and kill -9 one host (the other is stopped); resume on 2 to the end: same losses and params."""
+    run_dir = tmp_path / "run"
+    process = launch(run_dir)
+    wait_for_step(run_dir, 6, process)
+    process.send_signal(signal.SIGTERM)
+    out = finish(process)
+    preempted = steps_saved(run_dir)[-1]
+    assert f"SIGTERM: saved step {preempted}" in out and preempted >= 6
+    for host in (0, 1):
+        assert f"Reached preemption sync point, step={preempted}" in (run_dir / "logs" / f"host-{host}.log").read_text()
+
+    out = finish(launch(run_dir, "train.steps=12", hosts=1))
+    assert f"resumed from step {preempted}" in out and steps_saved(run_dir)[-1] == 12
+
+    process = launch(run_dir)
+    wait_for_step(run_dir, 17, process)
+    assert 15 in steps_saved(run_dir)
+    _kill_host(run_dir, 1)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 137, out[-4000:]
+    assert "host 1 exited with status 137" in out
+
+    out = finish(launch(run_dir))
+    resumed_from = int(out.split("resumed from step ")[1].split(")")[0])
+    assert resumed_from >= 15
+    expected, got = losses(uninterrupted), losses(run_dir)
+    np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)], [expected[s] for s in range(1, STEPS + 1)],
+                               rtol=0, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(params(run_dir)), jax.tree.leaves(params(uninterrupted)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_hosts_that_do_not_share_the_run_directory_stop_with_a_named_error(tmp_path):
+    """Each host given its own run directory (as if each wrote to its local disk): a clear error, no hang."""
+    train = f"ponder train --no-progress --config {CONFIG} train.steps=2 train.run_dir={tmp_path}/$PONDER_PROCESS_ID"
+    process = subprocess.run([sys.executable, "-m", "tools.cli", "launch", "local", "--hosts", "2", "--",
+                              "sh", "-c", train.replace("ponder", f"{sys.executable} -m tools.cli", 1)],
+                             cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert process.returncode == 2, process.stdout[-4000:]
+    assert "each host sees its own local disk" in process.stdout
+    assert "process(es) 1 do not see the file process 0 wrote" in process.stdout
+
+
+def _kill_host(run_dir, host: int) -> None:
+    """SIGKILL to the `ponder train` process of host `host` of the run writing to `run_dir`."""
+    for pid in subprocess.check_output(["pgrep", "-f", f"train.run_dir={run_dir}"], text=True).split():
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        except OSError:
+            continue
+        if env.get(b"PONDER_PROCESS_ID") == str(host).encode():
+            os.kill(int(pid), signal.SIGKILL)
+            return
+    raise AssertionError(f"no process of host {host} found")
