@@ -26,10 +26,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from model.flops import decode_flops
 from model.paged import init_cache
 from model.sharding import logical_to_spec
 from search.sampler import EOS_ID, Sampling, decode_loop, pages_for
-from search.scorers import Scorer, Steps, decode_flops
+from search.scorers import Scorer, Steps
 from search.tree import Tree, allocate, copy_pages, empty_tree, prune, release
 
 STRATEGIES = ("sample", "best_of_n", "beam", "dvts", "mcts")

@@ -111,9 +111,9 @@ def measure_train(cfg, steps: int) -> dict[str, float]:
     import jax
     import numpy as np
 
+    from model.flops import flops_per_token
     from model.sharding import make_mesh
     from train.data import Pipeline, to_global
-    from train.flops import flops_per_token
     from train.optim import learning_rate_schedule
     from train.state import init_state, state_layout
     from train.step import compile_steps

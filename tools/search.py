@@ -259,7 +259,7 @@ def size_by_pilot(searcher: Searcher, spec, batch: Batch, search_cfg, model_cfg)
     """`spec` with n (or simulations) set so a problem costs about search.budget, from a pilot `sample`."""
     import jax
 
-    from search.scorers import decode_flops
+    from model.flops import decode_flops
     from search.strategies import resolve, size_for_budget
 
     state, _, _ = searcher(resolve(dataclasses.replace(spec, strategy="sample")), batch, search_cfg.seed)
