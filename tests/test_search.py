@@ -12,9 +12,13 @@ from flax import nnx
 
 from configs.load import load_config
 from model.transformer import create_model
+from search.beam import beam_order, duplicates
+from search.candidates import candidates, choose
 from search.sampler import Sampling, encode_prompts
 from search.scorers import LogProbScorer, RewardModelScorer
-from search.strategies import Models, SearchSpec, beam_order, candidates, choose, duplicates, run_search
+from search.sharded import run_search
+from search.spec import SearchSpec
+from search.state import Models
 from search.tree import allocate, check_invariants, empty_tree, path_tokens, release
 from train.data import get_vocabulary
 
@@ -205,7 +209,7 @@ def test_reward_model_scorer_scores_steps_incrementally(policy, vocab):
 
 
 def test_selection_rules():
-    from search.strategies import Candidate
+    from search.candidates import Candidate
 
     cands = [
         Candidate(1, "", "7", 0.9, -1.0, True),

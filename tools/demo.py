@@ -384,7 +384,7 @@ class SearchRunner:
     def searcher(self, scorer_name: str, policy: str):
         """A Searcher per (scorer, policy); the policies' searchers share compiled programs."""
         from search.scorers import make_scorer
-        from search.strategies import Models
+        from search.state import Models
         from tools.search import Searcher, _scorer
         from train.checkpoint import load_params
 
@@ -406,15 +406,14 @@ class SearchRunner:
 
     def spec_for(self, row: Row, base: dict | None):
         """(search config, SearchSpec) of a row, sized to its budget from the `sample` row's tokens and steps."""
-        from search.strategies import resolve, size_for_budget
-        from tools.search import search_spec
+        from search.spec import resolve, size_for_budget, spec_from_config
 
         update = {"strategy": row.strategy, "select": row.select}
         search_cfg = self.cfg.search.model_copy(update=update)
-        spec = search_spec(search_cfg, self.vocab)
+        spec = spec_from_config(search_cfg, self.vocab)
         if base is not None and row.budget > 1:
-            sized = size_for_budget(row.strategy, row.budget * base["tokens_per_problem"],
-                                    base["tokens_per_problem"], base["steps_per_problem"], spec.m, spec.children)
+            sized = size_for_budget(spec, row.budget * base["tokens_per_problem"], base["tokens_per_problem"],
+                                    base["steps_per_problem"])
             spec = resolve(dataclasses.replace(spec, **sized))
         return search_cfg, spec
 
@@ -427,7 +426,7 @@ class SearchRunner:
         import jax
         from tqdm import tqdm
 
-        from search.strategies import candidates
+        from search.candidates import candidates
 
         search_cfg, spec = self.spec_for(row, base)
         key = (row.policy, row.strategy, row.budget, row.scorer if row.strategy != "best_of_n" else "prm")
@@ -484,7 +483,7 @@ class SearchRunner:
 
     def run(self, row: Row, out_dir: Path, base: dict | None) -> dict:
         """The row's summary (also RUN/search/<key>.json, with per-problem lines in <key>.jsonl)."""
-        from search.strategies import choose
+        from search.candidates import choose
         from tasks import get_task
         from tools.search import answer_key
 

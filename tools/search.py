@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
 
     from configs.load import load_config
     from model.sharding import make_mesh
-    from search.strategies import Models
+    from search.spec import spec_from_config
+    from search.state import Models
     from train.checkpoint import CheckpointError, find_run_config, load_params
     from train.data import get_vocabulary
     from train.state import state_layout
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:  # the reward model does not fit the policy
         return _error(str(err))
     searcher = Searcher(Models(layout.graphdef, cfg.model, scorer), params, scorer_params, mesh)
-    spec = search_spec(search_cfg, vocab)
+    spec = spec_from_config(search_cfg, vocab)
     batches = plan_batches(problems, vocab, search_cfg.prompt_buckets, search_cfg.max_len,
                            min(search_cfg.batch_size, len(problems)), batch_shards(cfg, mesh))
     if search_cfg.budget:
@@ -141,18 +142,6 @@ def run(args: argparse.Namespace) -> int:
 def batch_shards(cfg, mesh) -> int:
     """How many devices of `mesh` split a batch of problems (the mesh axes the rules give `batch`)."""
     return math.prod(mesh.shape[axis] for axis in dict(cfg.rules()).get("batch", ()))
-
-
-def search_spec(search_cfg, vocab):
-    """The `SearchSpec` that `search_cfg` (a SearchConfig) describes; the step delimiter is the vocab's newline."""
-    from search.sampler import Sampling
-    from search.strategies import SearchSpec, resolve
-
-    sampling = Sampling(search_cfg.temperature, search_cfg.top_k, search_cfg.top_p)
-    fields = {field.name for field in dataclasses.fields(SearchSpec)} - {"sampling", "delimiter"}
-    spec = SearchSpec(**{name: getattr(search_cfg, name) for name in fields}, sampling=sampling,
-                      delimiter=int(vocab.encode("\n")[-1]))
-    return resolve(spec)  # canonical (sample: n=1), so equal searches share one compiled program
 
 
 def read_problem_lines(path: Path) -> tuple[list, list[str]]:
@@ -222,7 +211,7 @@ def jit_search():
     """`run_search` under `jax.jit` with the spec and the models static."""
     import jax
 
-    from search.strategies import run_search
+    from search.sharded import run_search
 
     return jax.jit(run_search, static_argnums=(0, 1))
 
@@ -260,7 +249,7 @@ def size_by_pilot(searcher: Searcher, spec, batch: Batch, search_cfg, model_cfg)
     import jax
 
     from model.flops import decode_flops
-    from search.strategies import resolve, size_for_budget
+    from search.spec import resolve, size_for_budget
 
     state, _, _ = searcher(resolve(dataclasses.replace(spec, strategy="sample")), batch, search_cfg.seed)
     real = len(batch.rows)
@@ -274,7 +263,7 @@ def size_by_pilot(searcher: Searcher, spec, batch: Batch, search_cfg, model_cfg)
         budget, per_chain = search_cfg.budget, float(tokens.mean())
     else:
         budget, per_chain = search_cfg.budget - float(prompt_flops.mean()), chain_flops
-    sized = size_for_budget(spec.strategy, budget, per_chain, float(steps.mean()), spec.m, spec.children)
+    sized = size_for_budget(spec, budget, per_chain, float(steps.mean()))
     chosen = ", ".join(f"{name}={value}" for name, value in sized.items())
     short = " (less than one chain costs: the smallest search)" if budget < per_chain else ""
     print(f"budget: {search_cfg.budget:g} {search_cfg.budget_unit} per problem -> {spec.strategy} {chosen}{short}",
@@ -286,7 +275,7 @@ def search_batch(searcher: Searcher, spec, batch: Batch, vocab, search_cfg, keep
     """One JSON-ready record per real problem of the batch, and the batch's search seconds."""
     import jax
 
-    from search.strategies import candidates, choose
+    from search.candidates import candidates, choose
     from tasks import get_task
 
     state, chosen, seconds = searcher(spec, batch, search_cfg.seed)
@@ -369,11 +358,11 @@ def _scorer(cfg, vocab, mesh):
 
 
 def _print_summary(totals: dict, skipped: int, searcher: Searcher, spec, search_cfg, out: Path) -> None:
+    from search.spec import STRATEGIES
+
     problems = totals["problems"]
-    sizes = {"best_of_n": f"n={spec.n}", "beam": f"n={spec.n} m={spec.m}", "dvts": f"n={spec.n} m={spec.m}",
-             "mcts": f"simulations={spec.simulations} children={spec.children} wave={spec.wave}"}
     oracle = search_cfg.scorer == "oracle"
-    print(f"ponder search: {spec.strategy} {sizes.get(spec.strategy, '')}".rstrip()
+    print(f"ponder search: {spec.strategy} {STRATEGIES[spec.strategy].size(spec)}"
           + f", scorer {'ORACLE' if oracle else search_cfg.scorer}, select {search_cfg.select}")
     accuracy = f"{totals['correct'] / totals['answered']:.3f} ({totals['correct']}/{totals['answered']})" \
         if totals["answered"] else "n/a (no reference answers)"

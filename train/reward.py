@@ -193,7 +193,7 @@ def evaluate(records: list[RewardRecord], scores: list[RecordScores], *,
     answer line's included); `pass_at_n` any correct candidate (the ceiling). Step labels count
     as right when >= 0.5. `answer_key(problem)` maps an answer to its vote key (default: stripped text).
     """
-    from search.strategies import Candidate, choose
+    from search.candidates import Candidate, choose
 
     step_scores = np.concatenate([s.steps for s in scores]) if scores else np.zeros(0)
     step_truth = np.array([label >= 0.5 for r in records for label in r.labels], bool)

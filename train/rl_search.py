@@ -3,7 +3,7 @@
     distiller = SearchDistiller(cfg, mesh, vocab, rollout_graphdef)
     chains, found, metrics = distiller(rollout_params, problems, key, stream_indices)
 
-The search is `search.strategies.run_search` with `search.*` settings and `rl.search` as the
+The search is `search.sharded.run_search` with `search.*` settings and `rl.search` as the
 strategy, one jitted call for all the step's prompts, on the policy's rollout-layout params.
 The chain the strategy picks (by search.select) joins the SFT batch when the task's verifier
 accepts it: that is how search is distilled into the policy (STaR with a search teacher).
@@ -11,26 +11,18 @@ accepts it: that is how search is distilled into the policy (STaR with a search 
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import numpy as np
 
 from configs.schema import Config
-from search.sampler import EOS_ID, Sampling, encode_prompts
+from search.candidates import candidates, choose
+from search.sampler import EOS_ID, encode_prompts
 from search.scorers import make_scorer
-from search.strategies import Models, SearchSpec, candidates, choose, resolve, run_search
+from search.sharded import run_search
+from search.spec import spec_from_config
+from search.state import Models
 from tasks import get_task
 from tasks.base import Problem
-
-
-def search_spec(cfg: Config, vocab, strategy: str) -> SearchSpec:
-    """The SearchSpec of `search.*` with `strategy`; the step delimiter is the vocabulary's newline."""
-    s = cfg.search
-    fields = {f.name for f in dataclasses.fields(SearchSpec)} - {"sampling", "delimiter", "strategy"}
-    return resolve(SearchSpec(strategy=strategy, **{name: getattr(s, name) for name in fields},
-                              sampling=Sampling(s.temperature, s.top_k, s.top_p),
-                              delimiter=int(vocab.encode("\n")[-1])))
 
 
 class SearchDistiller:
@@ -43,7 +35,7 @@ class SearchDistiller:
             raise ValueError(f"search.max_len ({cfg.search.max_len}) leaves no room for a step after a prompt of "
                              f"rl.max_prompt_len ({cfg.rl.max_prompt_len})")
         self.cfg, self.mesh, self.vocab = cfg, mesh, vocab
-        self.spec = search_spec(cfg, vocab, cfg.rl.search)
+        self.spec = spec_from_config(cfg.search, vocab, strategy=cfg.rl.search)
         self.models = Models(graphdef, cfg.model, make_scorer(cfg.search.scorer, vocab=vocab))
         self.search = jax.jit(run_search, static_argnums=(0, 1))
 
