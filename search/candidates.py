@@ -2,12 +2,15 @@
 
 `candidates` decodes each problem's finished chains (every finished node for strategies that
 keep them, e.g. beam; the chosen leaves otherwise) with their path score and log-prob;
-`choose` picks the answer by majority vote, the best score, or a score-weighted vote.
+`choose` picks the answer by majority vote, the best score, or a score-weighted vote, counting
+votes by the task's `answer_key`, as every vote over answers in ponder does; `pick_answer`
+also verifies the pick.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -16,7 +19,8 @@ from search.sampler import decode_text
 from search.spec import STRATEGIES, SearchSpec
 from search.state import SearchState, path_score
 from search.tree import path_nodes, path_tokens
-from tasks.base import final_answer
+from tasks import get_task
+from tasks.base import Problem, final_answer
 
 
 @dataclasses.dataclass
@@ -52,12 +56,15 @@ def candidates(spec: SearchSpec, state: SearchState, chosen: jax.Array, vocab) -
     return out
 
 
-def choose(cands: list[Candidate], rule: str, canonical=lambda answer: answer) -> Candidate | None:
+def choose(cands: list[Candidate], rule: str, problem: Problem | None = None) -> Candidate | None:
     """The answer: `majority` (self-consistency), `best` (highest score) or `weighted` (score-weighted vote).
 
-    Candidates without an answer never win a vote; ties go to the higher total score.
-    `canonical` maps an answer to the form votes are counted in.
+    Candidates without an answer never win a vote; ties go to the higher total score. Votes
+    count answers by `problem`'s task's `answer_key` (e.g. countdown's `3 + 4` and `4 + 3` are
+    one answer); without a problem, by their text.
     """
+    canonical = (lambda answer: answer) if problem is None else functools.partial(
+        get_task(problem.task).answer_key, problem)
     answered = [c for c in cands if c.answer is not None]
     if not answered:
         return cands[0] if cands else None
@@ -73,3 +80,10 @@ def choose(cands: list[Candidate], rule: str, canonical=lambda answer: answer) -
         raise ValueError(f"unknown selection rule {rule!r}; expected majority, best or weighted")
     winner = max(weights, key=lambda key: (weights[key], totals[key]))
     return max((c for c in answered if canonical(c.answer) == winner), key=lambda c: c.score)
+
+
+def pick_answer(problem: Problem, cands: list[Candidate], select: str) -> tuple[Candidate | None, bool | None]:
+    """The candidate `choose` picks by rule `select`, and whether the verifier accepts it (None: no reference)."""
+    pick = choose(cands, select, problem)
+    correct = get_task(problem.task).score(problem, pick.text if pick else "")[0] == 1.0 if problem.answer else None
+    return pick, correct

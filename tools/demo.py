@@ -270,7 +270,6 @@ class Demo:
     # -- 3. reward models --
 
     def reward_models(self) -> None:
-        from tools.search import answer_key
         from train.reward import train_reward_model
 
         for kind in ("prm", "orm"):
@@ -283,7 +282,7 @@ class Demo:
             self.say(f"3/4 {kind.upper()}: {steps} steps from the policy's checkpoint -> {run_dir}")
             result = train_reward_model(self.reward_dir / "data.jsonl", run_dir, policy=self.policy_dir, kind=kind,
                                         overrides=(f"train.steps={self.cfg.demo.reward_steps}",),
-                                        show_progress=self.show_progress, answer_key=answer_key)
+                                        show_progress=self.show_progress)
             if not report.exists():  # no held-out records: still mark the stage as done
                 report.write_text(json.dumps(result["eval"]) + "\n")
 
@@ -485,7 +484,6 @@ class SearchRunner:
         """The row's summary (also RUN/search/<key>.json, with per-problem lines in <key>.jsonl)."""
         from search.candidates import choose
         from tasks import get_task
-        from tools.search import answer_key
 
         summary_path = out_dir / f"{row.key}.json"
         if summary_path.exists():
@@ -500,7 +498,7 @@ class SearchRunner:
             problem, cands = entry["problem"], entry["candidates"]
             if orm is not None:
                 cands = [dataclasses.replace(c, score=score) for c, score in zip(cands, orm[index], strict=True)]
-            pick = choose(cands, row.select, answer_key(problem))
+            pick = choose(cands, row.select, problem)
             text = pick.text if pick else ""
             records.append({
                 "id": problem.id, "line": entry["line"], "answer": pick.answer if pick else None,

@@ -17,10 +17,8 @@ import functools
 import json
 import math
 import os
-import re
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -275,8 +273,7 @@ def search_batch(searcher: Searcher, spec, batch: Batch, vocab, search_cfg, keep
     """One JSON-ready record per real problem of the batch, and the batch's search seconds."""
     import jax
 
-    from search.candidates import candidates, choose
-    from tasks import get_task
+    from search.candidates import candidates, pick_answer
 
     state, chosen, seconds = searcher(spec, batch, search_cfg.seed)
     per_chain = candidates(spec, state, chosen, vocab)
@@ -284,9 +281,8 @@ def search_batch(searcher: Searcher, spec, batch: Batch, vocab, search_cfg, keep
              for name in ("tokens", "policy_flops", "scorer_flops", "expansions")}
     records = []
     for row, (number, problem) in enumerate(batch.rows):
-        pick = choose(per_chain[row], search_cfg.select, answer_key(problem))
+        pick, correct = pick_answer(problem, per_chain[row], search_cfg.select)
         text = pick.text if pick else ""
-        correct = get_task(problem.task).score(problem, text)[0] == 1.0 if problem.answer else None
         record = {
             "id": problem.id, "line": number, "task": problem.task, "strategy": spec.strategy,
             "scorer": search_cfg.scorer, "answer": pick.answer if pick else None, "correct": correct,
@@ -300,42 +296,6 @@ def search_batch(searcher: Searcher, spec, batch: Batch, vocab, search_cfg, keep
                                      "finished": c.finished} for c in per_chain[row]]
         records.append(record)
     return records, seconds
-
-
-def answer_key(problem) -> Callable[[str], str]:
-    """How a vote compares answers to `problem`: equal keys are the same answer.
-
-    arithmetic: the integer ("053" and "53" agree). countdown: the value of the expression,
-    when it parses, keeps every intermediate a positive integer and uses only the prompt's
-    numbers (so every correct expression votes for the target, whatever its form); any
-    other answer is its own text. sudoku and the rest: the text without surrounding spaces.
-    """
-    if problem.task == "arithmetic":
-        return _integer_key
-    if problem.task == "countdown":
-        return functools.partial(_countdown_key, problem)
-    return str.strip
-
-
-def _integer_key(answer: str) -> str:
-    text = answer.strip()
-    return str(int(text)) if re.fullmatch(r"[+-]?[0-9]+", text) else text
-
-
-def _countdown_key(problem, answer: str) -> str:
-    import collections
-
-    from tasks import get_task
-    from tasks.expr import ExprError, evaluate, leaves, parse
-
-    try:
-        numbers, _ = get_task("countdown")._numbers_target(problem)
-        node = parse(answer, "+-*/")
-        if collections.Counter(leaves(node)) - collections.Counter(numbers):
-            return answer.strip()  # uses a number the prompt does not offer
-        return f"= {evaluate(node, positive=True)}"
-    except (ExprError, ValueError):
-        return answer.strip()
 
 
 def _scorer(cfg, vocab, mesh):

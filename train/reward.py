@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import json
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +67,7 @@ def reward_config(data: str | Path, run_dir: str | Path, *, policy: str | Path |
 
 def train_reward_model(data: str | Path, run_dir: str | Path, *, policy: str | Path | None = None,
                        config: str | Path | None = None, kind: str = "prm", overrides: tuple[str, ...] = (),
-                       show_progress: bool = True, answer_key: Callable | None = None) -> dict[str, Any]:
+                       show_progress: bool = True) -> dict[str, Any]:
     """Trains (or resumes) a PRM/ORM on `data` into `run_dir`, then evaluates it on the held-out problems.
 
     Returns {"train": the trainer's last metrics, "eval": `evaluate` on the records held out
@@ -80,7 +79,7 @@ def train_reward_model(data: str | Path, run_dir: str | Path, *, policy: str | P
     cfg = reward_config(data, run_dir, policy=policy, config=config, kind=kind, overrides=overrides)
     result = train(cfg, show_progress=show_progress)
     records = [r for r in read_reward_records(data) if held_out(r.problem.id, cfg.reward.eval_fraction)]
-    metrics = evaluate_reward_model(run_dir, records, answer_key=answer_key) if records else {}
+    metrics = evaluate_reward_model(run_dir, records) if records else {}
     if metrics and jax.process_index() == 0:
         (Path(run_dir) / EVAL_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
     return {"train": result, "eval": metrics, "run_dir": str(run_dir)}
@@ -182,8 +181,7 @@ def chain_score(scores: RecordScores, aggregate: str) -> float:
     return {"min": min, "last": lambda v: v[-1], "product": lambda v: float(np.prod(v))}[aggregate](values)
 
 
-def evaluate(records: list[RewardRecord], scores: list[RecordScores], *,
-             answer_key: Callable[[Any], Callable[[str], str]] | None = None) -> dict[str, Any]:
+def evaluate(records: list[RewardRecord], scores: list[RecordScores]) -> dict[str, Any]:
     """Step-label AUC / accuracy, outcome AUC, best-of-N selection accuracy against majority vote,
     and the within-problem AUC of the chain scores (`within_problem_auc`).
 
@@ -191,7 +189,7 @@ def evaluate(records: list[RewardRecord], scores: list[RecordScores], *,
     `majority` the vote over answers; `best_<agg>` the candidate with the best chain score and
     `weighted_<agg>` the score-weighted vote (agg: min, last, product of the step scores, the
     answer line's included); `pass_at_n` any correct candidate (the ceiling). Step labels count
-    as right when >= 0.5. `answer_key(problem)` maps an answer to its vote key (default: stripped text).
+    as right when >= 0.5. Votes count answers by the task's `answer_key`, as `ponder search` does.
     """
     from search.candidates import Candidate, choose
 
@@ -213,13 +211,12 @@ def evaluate(records: list[RewardRecord], scores: list[RecordScores], *,
     picks: dict[str, list[float]] = defaultdict(list)
     for indices in by_problem.values():
         problem = records[indices[0]].problem
-        key = answer_key(problem) if answer_key else str.strip
         picks["single"].append(float(np.mean([records[i].outcome for i in indices])))
         picks["pass_at_n"].append(max(records[i].outcome for i in indices))
         for rule, aggregate in [("majority", "last"), *((r, a) for r in ("best", "weighted") for a in AGGREGATES)]:
             cands = [Candidate(i, records[i].completion, records[i].answer, chain_score(scores[i], aggregate), 0.0,
                                True) for i in indices]
-            pick = choose(cands, rule, key)
+            pick = choose(cands, rule, problem)
             name = rule if rule == "majority" else f"{rule}_{aggregate}"
             picks[name].append(records[pick.node].outcome if pick is not None and pick.answer is not None else 0.0)
     metrics["problems"] = len(by_problem)
@@ -253,9 +250,9 @@ def within_problem_auc(records: list[RewardRecord], scores: list[RecordScores],
 
 
 def evaluate_reward_model(checkpoint: str | Path, data: str | Path | list[RewardRecord], *,
-                          answer_key: Callable | None = None, rows: int = 32) -> dict[str, Any]:
+                          rows: int = 32) -> dict[str, Any]:
     """`evaluate` of the reward model at `checkpoint` on a reward data file (or records)."""
     records = read_reward_records(data) if isinstance(data, (str, Path)) else list(data)
     model = load_reward_model(checkpoint)
-    metrics = evaluate(records, score_records(model, records, rows=rows), answer_key=answer_key)
+    metrics = evaluate(records, score_records(model, records, rows=rows))
     return {"kind": model.cfg.reward.kind} | metrics

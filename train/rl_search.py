@@ -15,13 +15,12 @@ import jax
 import numpy as np
 
 from configs.schema import Config
-from search.candidates import candidates, choose
+from search.candidates import Candidate, candidates, pick_answer
 from search.sampler import EOS_ID, encode_prompts
 from search.scorers import make_scorer
 from search.sharded import run_search
 from search.spec import spec_from_config
 from search.state import Models
-from tasks import get_task
 from tasks.base import Problem
 
 
@@ -48,12 +47,22 @@ class SearchDistiller:
         with jax.set_mesh(self.mesh):
             state, chosen = self.search(self.spec, self.models, params, None, tokens, lengths, keys)
         per_problem = candidates(self.spec, state, chosen, self.vocab)
-        chains, found = [], np.zeros(len(problems), bool)
-        for p, (problem, cands) in enumerate(zip(problems, per_problem, strict=True)):
-            pick = choose(cands, self.cfg.search.select, str.strip)
-            text = pick.text if pick else ""
-            found[p] = bool(pick and pick.finished and get_task(problem.task).score(problem, text)[0] == 1.0)
-            ids = list(self.vocab.encode(text)) + [EOS_ID]
-            chains.append(np.asarray(ids[: self.cfg.rl.max_new_tokens], np.int32))
+        chains, found = verified_chains(problems, per_problem, self.cfg.search.select, self.vocab,
+                                        self.cfg.rl.max_new_tokens)
         generated = float(np.asarray(jax.device_get(state.tokens)).mean())
         return chains, found, {"search_found": float(found.mean()), "search_tokens": generated}
+
+
+def verified_chains(problems: list[Problem], per_problem: list[list[Candidate]], select: str, vocab,
+                    max_new_tokens: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each problem's chosen chain as tokens (+ EOS, at most max_new_tokens), and found [P]: it finished and verifies.
+
+    The choice is `ponder search`'s (`pick_answer`: votes by the task's answer key).
+    """
+    chains, found = [], np.zeros(len(problems), bool)
+    for p, (problem, cands) in enumerate(zip(problems, per_problem, strict=True)):
+        pick, correct = pick_answer(problem, cands, select)
+        found[p] = bool(pick and pick.finished and correct)
+        ids = list(vocab.encode(pick.text if pick else "")) + [EOS_ID]
+        chains.append(np.asarray(ids[:max_new_tokens], np.int32))
+    return chains, found
