@@ -8,6 +8,9 @@ import pytest
 
 from configs.load import load_config
 from search.candidates import Candidate, choose, pick_answer
+from search.runner import Searched, search_record
+from search.scaling import Row, row_records
+from search.spec import SearchSpec
 from tasks import get_task
 from tasks.base import Problem
 from train.data import get_vocabulary
@@ -59,9 +62,14 @@ def _search_cfg(select: str):
 
 @pytest.mark.parametrize("select", ["majority", "weighted"])
 def test_ponder_search_reward_evaluation_and_rl_distillation_vote_alike(select):
-    # ponder search (and the demo): what it writes for one searched problem
-    pick, correct = pick_answer(COUNTDOWN, _candidates(), _search_cfg(select).select)
+    # ponder search and the demo: what they write for one searched problem
+    pick, correct = pick_answer(COUNTDOWN, _candidates(), select)
     assert pick.answer in ("3 + 4", "4 + 3") and correct is True
+    searched = Searched(1, COUNTDOWN, _candidates(), tokens=30.0, policy_flops=1.0, scorer_flops=0.0, expansions=3.0)
+    record = search_record(searched, SearchSpec(strategy="best_of_n", n=3), _search_cfg(select), 0.1, False)
+    assert (record["answer"], record["correct"]) == (pick.answer, True)
+    demo_record = row_records(Row("best_of_n/x", "best_of_n", "prm", select, 4), [searched])[0]
+    assert (demo_record["answer"], demo_record["correct"]) == (pick.answer, True)
 
     # reward-model evaluation: the vote over one problem's sampled chains
     task = get_task("countdown")

@@ -17,10 +17,10 @@ from test_cli import ROOT
 
 from configs.load import load_config, save_config
 from model.sharding import make_mesh
+from search.runner import bucket_width, plan_batches
 from tasks import get_task
 from tasks.files import write_problems
 from tools import cli
-from tools.search import bucket_width, plan_batches
 from train.checkpoint import Checkpoints
 from train.data import get_vocabulary
 from train.state import init_state, state_layout

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,27 @@ def load_reward_model(checkpoint: str | Path, mesh=None) -> RewardModel:
     return RewardModel(cfg, layout.graphdef, params, mesh, get_vocabulary(cfg.data.vocab))
 
 
+def search_scorer(cfg: Config, vocab, mesh) -> tuple[Any, Any]:
+    """(scorer, its params) of `cfg.search.scorer` for a search with `cfg`'s policy on `mesh`.
+
+    `reward` loads the reward model of search.reward_checkpoint, which must share the policy's
+    vocabulary and fit search.max_len (ValueError otherwise); the other scorers have no params.
+    """
+    from search.scorers import make_scorer
+
+    if cfg.search.scorer != "reward":
+        return make_scorer(cfg.search.scorer, vocab=vocab), None
+    path = Path(cfg.search.reward_checkpoint)
+    try:
+        reward = load_reward_model(path, mesh)
+    except FileNotFoundError as err:
+        raise ValueError(f"search.reward_checkpoint: {err}") from None
+    if reward.cfg.data.vocab != cfg.data.vocab or reward.cfg.model.max_seq_len < cfg.search.max_len:
+        raise ValueError(f"search.reward_checkpoint {path}: needs the policy's vocabulary ({cfg.data.vocab}) and "
+                         f"model.max_seq_len >= search.max_len ({cfg.search.max_len})")
+    return make_scorer("reward", reward_graphdef=reward.graphdef, reward_cfg=reward.cfg.model), reward.params
+
+
 @dataclasses.dataclass(frozen=True)
 class RecordScores:
     """A record's reward-model scores: at each step's newline, at the answer's EOS, at the last token."""
@@ -157,6 +179,39 @@ def score_records(model: RewardModel, records: list[RewardRecord], *, rows: int 
             out.append(RecordScores(values[row, step_ends].astype(np.float64), answer,
                                     float(values[row, len(ids) - 1]) if has_completion else None))
     return out
+
+
+class ChainScorer:
+    """A reward model scoring whole chains of text, a dense forward pass each (for rescoring search candidates).
+
+    A chain's score is the model's at its answer line's EOS, else at its last token (0: empty).
+    The first call at each padded width compiles: its seconds are reported apart.
+    """
+
+    def __init__(self, model: RewardModel, rows: int = 64, multiple: int = 64):
+        self.model, self.rows, self.multiple = model, rows, multiple
+        self.widths: set[int] = set()  # padded widths (in multiples) the forward was compiled for
+
+    def __call__(self, chains: list[tuple[Any, str]]) -> tuple[list[float], float, float]:
+        """(score of each (problem, completion), seconds scoring, seconds compiling)."""
+        from tasks.base import completion_steps, final_answer
+
+        records = [RewardRecord(problem, i, text, tuple(completion_steps(text)), final_answer(text), (), 0.0, "none")
+                   for i, (problem, text) in enumerate(chains)]
+        compile_seconds = 0.0
+        if records:
+            lengths = [len(record_tokens(r, self.model.vocab)[0]) for r in records]
+            longest = int(np.argmax(lengths))
+            width = -(-lengths[longest] // self.multiple)
+            if width not in self.widths:  # the first call at a width compiles: time it apart
+                start = time.perf_counter()
+                score_records(self.model, [records[longest]], rows=self.rows, multiple=self.multiple)
+                compile_seconds = time.perf_counter() - start
+                self.widths.add(width)
+        start = time.perf_counter()
+        scores = score_records(self.model, records, rows=self.rows, multiple=self.multiple) if records else []
+        seconds = time.perf_counter() - start
+        return [s.answer if s.answer is not None else (s.final or 0.0) for s in scores], seconds, compile_seconds
 
 
 # -- evaluation --
