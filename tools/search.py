@@ -91,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
     batches = runner.plan_batches(problems, vocab, search_cfg.prompt_buckets, search_cfg.max_len,
                                   min(search_cfg.batch_size, len(problems)), runner.batch_shards(cfg, mesh))
     if search_cfg.budget:
-        spec, report = runner.size_by_pilot(searcher, spec, batches[0], search_cfg, cfg.model)
-        print("\n".join(report), flush=True)
+        spec, pilot = runner.size_by_pilot(searcher, spec, batches[0], search_cfg, cfg.model)
+        print("\n".join(pilot), flush=True)
 
     out = Path(args.out)
     with tqdm(total=len(problems), unit="problem", desc=spec.strategy, disable=args.no_progress, leave=False) as bar:
@@ -109,7 +109,7 @@ def _print_summary(totals: dict, skipped: int, searcher, spec, search_cfg, out: 
     oracle = search_cfg.scorer == "oracle"
     print(f"ponder search: {spec.strategy} {strategy.size(spec)}"
           + f", scorer {'ORACLE' if oracle else search_cfg.scorer}, select {search_cfg.select}")
-    print(f"  {spec.strategy}: {strategy.description}")
+    print(f"  {spec.strategy}: {strategy.description}" + (" (the scorer steers it)" if strategy.guided else ""))
     accuracy = f"{totals['correct'] / totals['answered']:.3f} ({totals['correct']}/{totals['answered']})" \
         if totals["answered"] else "n/a (no reference answers)"
     print(f"  problems: {problems}, skipped lines: {skipped}")
