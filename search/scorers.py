@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from model.flops import decode_flops
 from model.paged import PagedKVCache, init_cache
 from search.tree import copy_pages
-from train.flops import matmul_params
 
 
 @jax.tree_util.register_dataclass
@@ -79,14 +79,6 @@ class LogProbScorer(Scorer):
     def score(self, params, cache, steps, path=None):
         mean = jnp.sum(steps.logprobs, axis=-1) / jnp.maximum(steps.num, 1)
         return jnp.exp(mean), cache
-
-
-def decode_flops(model_cfg, start: jax.Array, num: jax.Array) -> jax.Array:
-    """Forward model FLOPs of `num` tokens at slots start..start+num-1 (matmuls + causal attention)."""
-    per_token = 2.0 * matmul_params(model_cfg)
-    attention = 4.0 * model_cfg.num_layers * model_cfg.num_heads * model_cfg.resolved_head_dim
-    slot_sum = num * start + num * (num + 1) / 2  # each token attends to its slot + 1 keys
-    return (per_token * num + attention * slot_sum).astype(jnp.float32)
 
 
 class RewardModelScorer(Scorer):

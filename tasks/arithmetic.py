@@ -33,7 +33,7 @@ from tasks.expr import ExprError, Node, Op, apply_op, evaluate, parse, to_text
 PROMPT_PREFIX = "Compute: "
 # difficulty -> (operations, smallest number, largest number, bound on |intermediate values|)
 LEVELS = {1: (2, 1, 9, 100), 2: (3, 1, 9, 100), 3: (4, 1, 20, 500), 4: (5, 10, 99, 1000), 5: (6, 10, 99, 2000)}
-_INTEGER = re.compile(r"-?0*\d{1,13}", re.ASCII)
+_INTEGER = re.compile(r"(-?)0*(\d{1,13})", re.ASCII)  # sign, digits without leading zeros
 
 
 def rewrites(node: Node) -> list[Node]:
@@ -135,6 +135,12 @@ class Arithmetic(Task):
             return labels
         except Exception:  # never raise on model output or bad problem data
             return [False] * len(lines)
+
+    def answer_key(self, problem: Problem, answer: str) -> str:
+        """The integer an answer the verifier reads as one names ("053" and "53" agree); else the text."""
+        text = answer.strip()
+        match = _INTEGER.fullmatch(text)
+        return str(int(match.group(1) + match.group(2))) if match else text
 
     def _expression(self, problem: Problem) -> Node:
         """The prompt's expression tree; raises ValueError/ExprError if the prompt is malformed."""

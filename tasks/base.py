@@ -153,3 +153,11 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def check_steps(self, problem: Problem, completion: str) -> list[bool]:
         """One label per step line of the completion: is this step correct? Never raises."""
+
+    def answer_key(self, problem: Problem, answer: str) -> str:
+        """The form in which a vote counts `answer` to `problem`: equal keys are one answer. Never raises.
+
+        Every vote over answers (`ponder search`, reward-model evaluation, RL search
+        distillation) counts by this key. Default: the text without surrounding spaces.
+        """
+        return answer.strip()

@@ -196,6 +196,19 @@ class Countdown(Task):
         except Exception:  # never raise on model output or bad problem data
             return [False] * len(lines)
 
+    def answer_key(self, problem: Problem, answer: str) -> str:
+        """`= <value>` for an expression that parses, keeps every intermediate a positive integer and uses
+        only the prompt's numbers (so every correct expression votes for the target, whatever its form);
+        any other answer is its own text."""
+        try:
+            numbers, _ = self._numbers_target(problem)
+            node = parse(answer, "+-*/")
+            if collections.Counter(leaves(node)) - collections.Counter(numbers):
+                return answer.strip()  # uses a number the prompt does not offer
+            return f"= {evaluate(node, positive=True)}"
+        except Exception:  # never raise on model output or bad problem data: the text is its own vote
+            return answer.strip()
+
     @staticmethod
     def _numbers_target(problem: Problem) -> tuple[tuple[int, ...], int]:
         """The prompt's numbers and target; raises ValueError if the prompt is malformed."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from configs.load import load_config
-from tools.demo import demo_rows, markdown_table
+from search.scaling import demo_rows, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 

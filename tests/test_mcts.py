@@ -11,7 +11,8 @@ import mctx
 import numpy as np
 import pytest
 
-from search.strategies import SearchSpec, mcts_loop, select_wave
+from search.mcts import mcts_loop, select_wave
+from search.spec import SearchSpec
 from search.tree import Tree, check_invariants, empty_tree
 
 K = 3  # actions (children) per node

@@ -24,8 +24,10 @@ from train.state import state_layout
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/experiments/tiny.yaml"
 STEPS = 20
-OVERRIDES = [f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0", "data.shards=2", "optimizer.decay=constant",
-             "train.checkpoint_every=5", "train.keep_checkpoints=10"]
+# A constant learning rate after warmup: the 1-process leg stops early with train.steps=12, which
+# would otherwise change a cosine schedule.
+OVERRIDES = [f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0", "data.shards=2",
+             "optimizer.decay=constant", "train.checkpoint_every=5", "train.keep_checkpoints=10"]
 
 
 def _env():

@@ -29,7 +29,9 @@ from test_cli import ROOT
 from configs.load import load_config
 from search.sampler import EOS_ID, Sampling, decode_text, encode_prompts
 from search.scorers import RewardModelScorer
-from search.strategies import Models, SearchSpec, run_search
+from search.sharded import run_search
+from search.spec import SearchSpec
+from search.state import Models
 from search.tree import path_nodes, path_tokens
 from tasks import get_task, jsonl
 from tasks.arithmetic import rewrites

@@ -12,9 +12,13 @@ from flax import nnx
 
 from configs.load import load_config
 from model.transformer import create_model
+from search.beam import beam_order, duplicates
+from search.candidates import candidates, choose
 from search.sampler import Sampling, encode_prompts
 from search.scorers import LogProbScorer, RewardModelScorer
-from search.strategies import Models, SearchSpec, beam_order, candidates, choose, duplicates, run_search
+from search.sharded import run_search
+from search.spec import SearchSpec
+from search.state import Models
 from search.tree import allocate, check_invariants, empty_tree, path_tokens, release
 from train.data import get_vocabulary
 
@@ -205,7 +209,7 @@ def test_reward_model_scorer_scores_steps_incrementally(policy, vocab):
 
 
 def test_selection_rules():
-    from search.strategies import Candidate
+    from search.candidates import Candidate
 
     cands = [
         Candidate(1, "", "7", 0.9, -1.0, True),
@@ -266,3 +270,26 @@ def test_search_sharded_over_the_batch_axes_matches_one_device(vocab, name, scor
         tree = jax.tree.map(lambda a, s=shard: np.asarray(a)[2 * s : 2 * s + 2], split.tree)
         assert check_invariants(dataclasses.replace(tree, free=np.asarray(split.tree.free)[
             shard * len(split.tree.free) // 4 : (shard + 1) * len(split.tree.free) // 4])) == []
+
+
+def test_the_strategy_table_sizes_every_strategy_and_a_budget_buys_more_search():
+    from search.sharded import RUNS
+    from search.spec import STRATEGIES, resolve, size_for_budget
+
+    assert RUNS.keys() == STRATEGIES.keys()  # every strategy in the table runs, and nothing else does
+    sizes = {"sample": ("n=1", "n=1"), "best_of_n": ("n=3", "n=3"), "beam": ("n=2 m=3", "beams=2 m=3"),
+             "dvts": ("n=4 m=2", "n=4 m=2"), "mcts": ("simulations=8 children=3 wave=2", "sims=8 k=3 wave=2")}
+    for name, (long, short) in sizes.items():
+        spec = resolve(_spec(name))
+        strategy = STRATEGIES[name]
+        assert (strategy.size(spec), strategy.size(spec, short=True)) == (long, short)
+        # the tree holds what the strategy makes: the root, each expansion's children, the steps to finish
+        assert spec.num_nodes > spec.max_children >= 1 and strategy.expansion_rows(spec) >= 1
+        small, large = (size_for_budget(spec, budget, tokens_per_chain=40.0, steps_per_chain=4.0)
+                        for budget in (40.0, 4000.0))
+        assert small.keys() == large.keys() <= {field for field, _ in strategy.knobs}
+        assert all(large[k] >= small[k] for k in small) and (name == "sample" or large != small)
+    with pytest.raises(ValueError, match="dvts: n"):
+        resolve(SearchSpec(strategy="dvts", n=5, m=2))
+    with pytest.raises(ValueError, match="unknown strategy"):
+        resolve(SearchSpec(strategy="greedy"))

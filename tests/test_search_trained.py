@@ -7,9 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.sharding import make_mesh
+from search.candidates import candidates, choose
 from search.sampler import Sampling, encode_prompts
 from search.scorers import LogProbScorer, OracleScorer
-from search.strategies import Models, SearchSpec, candidates, choose, run_search
+from search.sharded import run_search
+from search.spec import SearchSpec
+from search.state import Models
 from tasks import get_task
 from train.checkpoint import load_params
 from train.data import get_vocabulary

@@ -111,9 +111,9 @@ def measure_train(cfg, steps: int) -> dict[str, float]:
     import jax
     import numpy as np
 
+    from model.flops import flops_per_token
     from model.sharding import make_mesh
     from train.data import Pipeline, to_global
-    from train.flops import flops_per_token
     from train.optim import learning_rate_schedule
     from train.state import init_state, state_layout
     from train.step import compile_steps
@@ -306,7 +306,9 @@ def bench_search_overhead(args) -> None:
     from model.transformer import create_model
     from search.sampler import Sampling, encode_prompts, generate
     from search.scorers import LogProbScorer
-    from search.strategies import Models, SearchSpec, run_search
+    from search.sharded import run_search
+    from search.spec import STRATEGIES, SearchSpec
+    from search.state import Models
     from tasks import get_task
     from train.data import get_vocabulary
 
@@ -342,7 +344,7 @@ def bench_search_overhead(args) -> None:
     for name, spec in specs.items():
         (state, _), seconds = best_of(lambda spec=spec: search(spec, models, params, None, tokens, lengths, keys))
         generated = float(state.tokens.sum())
-        rows = args.problems * (spec.n * spec.m if name == "beam" else spec.children * spec.wave)
+        rows = args.problems * STRATEGIES[spec.strategy].expansion_rows(spec)
         per_row = max(int(round(generated / rows)), 1)
         row_prompts = jnp.repeat(tokens, rows // args.problems, axis=0)
         row_lengths = jnp.repeat(lengths, rows // args.problems)

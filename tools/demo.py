@@ -27,40 +27,21 @@ points), so pass@1 before and after RL is also measured as the mean over demo.pa
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import functools
 import json
 import os
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from configs.fileio import write_atomic
 from tools.cli import add_config_arguments
 
+if TYPE_CHECKING:
+    from search.scaling import Row
+
 DEFAULT_CONFIG = "experiments/demo"
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    """One line of the table: a strategy (with its scorer and selection rule) at a budget multiple."""
-
-    name: str  # e.g. "best_of_n/prm-weighted"
-    strategy: str
-    scorer: str  # logprob, prm, orm
-    select: str  # majority, best, weighted
-    budget: int  # multiple of one sample's tokens
-    policy: str = "sft"  # sft: the SFT policy; rl: the policy after the RL stage
-
-    @property
-    def key(self) -> str:
-        return f"{self.name.replace('/', '_')}_x{self.budget}"
-
-    @property
-    def base(self) -> Row:
-        """The `sample` row of the same policy (whose tokens size this row's budget)."""
-        return rows_for([1], ["sample"], self.policy)[0]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -118,37 +99,6 @@ def _clear(run_dir: Path) -> None:
         elif path.exists():
             path.unlink()
     print(f"ponder demo: --fresh: cleared {run_dir}")
-
-
-def rows_for(budgets: list[int], strategies: list[str], policy: str = "sft") -> list[Row]:
-    """The table's rows for one policy: `sample` once, then each strategy at each budget multiple above 1.
-
-    Rows of the RL policy are named `rl/...`.
-    """
-    variants = {
-        # One pool of N samples per budget serves all three (the same chains, so the same tokens).
-        "best_of_n": [("best_of_n/majority", "prm", "majority"), ("best_of_n/orm-weighted", "orm", "weighted"),
-                      ("best_of_n/prm-weighted", "prm", "weighted")],
-        # Beam and DVTS answer by a PRM-weighted vote over their finished chains (as in Snell et al. 2024 and
-        # HF's search-and-learn): the single best-scored chain is as good as the PRM's worst mistake.
-        "beam": [("beam/prm", "prm", "weighted")],
-        "dvts": [("dvts/prm", "prm", "weighted")],
-        "mcts": [("mcts/prm", "prm", "best")],
-    }
-    prefix = "" if policy == "sft" else f"{policy}/"
-    rows = [Row(f"{prefix}sample", "sample", "logprob", "best", 1, policy)] if "sample" in strategies else []
-    for strategy in strategies:
-        for name, scorer, select in variants.get(strategy, []):
-            rows += [Row(prefix + name, strategy, scorer, select, budget, policy) for budget in budgets if budget > 1]
-    return rows
-
-
-def demo_rows(demo) -> list[Row]:
-    """Every row of a demo config's table: the SFT policy's, then (with an RL stage) the RL policy's."""
-    rows = rows_for(demo.budgets, demo.strategies)
-    if demo.rl_steps:
-        rows += rows_for(demo.budgets if demo.rl_budgets is None else demo.rl_budgets, demo.rl_strategies, "rl")
-    return rows
 
 
 class Demo:
@@ -272,7 +222,6 @@ class Demo:
     # -- 3. reward models --
 
     def reward_models(self) -> None:
-        from tools.search import answer_key
         from train.reward import train_reward_model
 
         for kind in ("prm", "orm"):
@@ -285,7 +234,7 @@ class Demo:
             self.say(f"3/4 {kind.upper()}: {steps} steps from the policy's checkpoint -> {run_dir}")
             result = train_reward_model(self.reward_dir / "data.jsonl", run_dir, policy=self.policy_dir, kind=kind,
                                         overrides=(f"train.steps={self.cfg.demo.reward_steps}",),
-                                        show_progress=self.show_progress, answer_key=answer_key)
+                                        show_progress=self.show_progress)
             if not report.exists():  # no held-out records: still mark the stage as done
                 report.write_text(json.dumps(result["eval"]) + "\n")
 
@@ -302,6 +251,8 @@ class Demo:
         return path
 
     def search(self) -> None:
+        from search.scaling import demo_rows
+
         rows = demo_rows(self.cfg.demo)
         todo = [row for row in rows if not (self.search_dir / f"{row.key}.json").exists()]
         if not todo:
@@ -309,15 +260,63 @@ class Demo:
             return
         self.say(f"4/4 search: {len(todo)} of {len(rows)} (strategy, budget) rows on "
                  f"{self.cfg.demo.problems} test problems -> {self.search_dir}")
-        policies = {"sft": self.policy_dir, "rl": self.rl_dir}
-        runner = SearchRunner(self.cfg, policies, self.reward_dir, self.test_problems(), self.show_progress)
+        runner = self.table_runner()
         for row in todo:
-            base = runner.run(row.base, self.search_dir, None)
-            runner.run(row, self.search_dir, base)
+            base = self.search_row(runner, row.base, None)
+            self.search_row(runner, row, base)
+
+    def search_row(self, runner, row: Row, base: dict | None) -> dict:
+        """A row's summary: read back when an earlier run wrote it, else searched now (and printed)."""
+        from search.scaling import row_line
+
+        path = self.search_dir / f"{row.key}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        summary = runner.run(row, self.search_dir, base)
+        print(row_line(summary), flush=True)
+        return summary
+
+    def table_runner(self):
+        """A `TableRunner` on the test problems, its searchers loading each policy and scorer once."""
+        from model.sharding import make_mesh
+        from search.runner import Searcher, batch_shards, plan_batches, read_problem_lines
+        from search.scaling import TableRunner
+        from search.state import Models
+        from train.checkpoint import load_params
+        from train.data import get_vocabulary
+        from train.reward import ChainScorer, load_reward_model, search_scorer
+        from train.state import state_layout
+
+        cfg, path = self.cfg, self.test_problems()
+        vocab, mesh = get_vocabulary(cfg.data.vocab), make_mesh(cfg.mesh)
+        layout = state_layout(cfg, mesh)
+        problems, bad = read_problem_lines(path)
+        if bad:
+            raise ValueError(f"{path}: {bad[0]}")
+        batches = plan_batches(problems, vocab, cfg.search.prompt_buckets, cfg.search.max_len,
+                               min(cfg.search.batch_size, len(problems)), batch_shards(cfg, mesh))
+        policies = {"sft": self.policy_dir, "rl": self.rl_dir}
+        params = functools.cache(lambda policy: load_params(policies[policy], layout.abstract["params"]))
+        compiled: dict = {}  # per scorer, shared by the policies (params are inputs, not constants)
+
+        @functools.cache
+        def searcher_for(scorer_name: str, policy: str) -> Searcher:
+            update = {"scorer": "logprob"} if scorer_name == "logprob" else {
+                "scorer": "reward", "reward_checkpoint": str(self.reward_dir / scorer_name)}
+            scorer, scorer_params = search_scorer(
+                cfg.model_copy(update={"search": cfg.search.model_copy(update=update)}), vocab, mesh)
+            searcher = Searcher(Models(layout.graphdef, cfg.model, scorer), params(policy), scorer_params, mesh)
+            searcher.compiled = compiled.setdefault(scorer_name, searcher.compiled)
+            return searcher
+
+        orm = functools.cache(lambda: ChainScorer(load_reward_model(self.reward_dir / "orm")))
+        return TableRunner(batches, vocab, cfg.search, searcher_for, lambda chains: orm()(chains), self.show_progress)
 
     # -- 5. report --
 
     def report(self, timings: dict) -> dict:
+        from search.scaling import demo_rows, plot_scaling, print_table
+
         rows = demo_rows(self.cfg.demo)
         results = [json.loads((self.search_dir / f"{row.key}.json").read_text()) for row in rows]
         reward_eval = {kind: _read_json(self.reward_dir / kind / "reward_eval.json") for kind in ("prm", "orm")}
@@ -355,239 +354,6 @@ class Demo:
         write_atomic(self.run_dir / "results.json", json.dumps(summary, indent=1) + "\n")
         plot_scaling(results, self.run_dir / "scaling.png", title=_plot_title(self.cfg))
         return summary
-
-
-class SearchRunner:
-    """Runs one table row over the problem file with the shared `ponder search` machinery."""
-
-    def __init__(self, cfg, policies: dict[str, Path], reward_dir: Path, problems_path: Path, show_progress: bool):
-        from model.sharding import make_mesh
-        from tools.search import batch_shards, plan_batches, read_problem_lines
-        from train.data import get_vocabulary
-        from train.state import state_layout
-
-        self.cfg, self.policies, self.reward_dir, self.show_progress = cfg, policies, reward_dir, show_progress
-        self.vocab = get_vocabulary(cfg.data.vocab)
-        self.mesh = make_mesh(cfg.mesh)
-        self.layout = state_layout(cfg, self.mesh)
-        problems, bad = read_problem_lines(problems_path)
-        if bad:
-            raise ValueError(f"{problems_path}: {bad[0]}")
-        self.problems = problems
-        self.batches = plan_batches(problems, self.vocab, cfg.search.prompt_buckets, cfg.search.max_len,
-                                    min(cfg.search.batch_size, len(problems)), batch_shards(cfg, self.mesh))
-        self.params: dict = {}
-        self.searchers: dict = {}
-        self.compiled: dict = {}  # per scorer, shared by the policies (params are inputs, not constants)
-        self.pools: dict = {}
-        self.orm = None
-        self.orm_widths: set[int] = set()  # padded widths (in 64s) the ORM's forward was compiled for
-
-    def searcher(self, scorer_name: str, policy: str):
-        """A Searcher per (scorer, policy); the policies' searchers share compiled programs."""
-        from search.scorers import make_scorer
-        from search.strategies import Models
-        from tools.search import Searcher, _scorer
-        from train.checkpoint import load_params
-
-        if (scorer_name, policy) not in self.searchers:
-            if policy not in self.params:
-                self.params[policy] = load_params(self.policies[policy], self.layout.abstract["params"])
-            if scorer_name == "logprob":
-                scorer, scorer_params = make_scorer("logprob"), None
-            else:
-                search_cfg = self.cfg.search.model_copy(
-                    update={"scorer": "reward", "reward_checkpoint": str(self.reward_dir / scorer_name)})
-                scorer, scorer_params = _scorer(self.cfg.model_copy(update={"search": search_cfg}), self.vocab,
-                                                self.mesh)
-            searcher = Searcher(Models(self.layout.graphdef, self.cfg.model, scorer), self.params[policy],
-                                scorer_params, self.mesh)
-            searcher.compiled = self.compiled.setdefault(scorer_name, searcher.compiled)
-            self.searchers[scorer_name, policy] = searcher
-        return self.searchers[scorer_name, policy]
-
-    def spec_for(self, row: Row, base: dict | None):
-        """(search config, SearchSpec) of a row, sized to its budget from the `sample` row's tokens and steps."""
-        from search.strategies import resolve, size_for_budget
-        from tools.search import search_spec
-
-        update = {"strategy": row.strategy, "select": row.select}
-        search_cfg = self.cfg.search.model_copy(update=update)
-        spec = search_spec(search_cfg, self.vocab)
-        if base is not None and row.budget > 1:
-            sized = size_for_budget(row.strategy, row.budget * base["tokens_per_problem"],
-                                    base["tokens_per_problem"], base["steps_per_problem"], spec.m, spec.children)
-            spec = resolve(dataclasses.replace(spec, **sized))
-        return search_cfg, spec
-
-    def pool(self, row: Row, base: dict | None) -> tuple[list[dict], float, object, float]:
-        """Per problem: its candidate chains and costs under the row's search (PRM-scored); the seconds
-        searching, the spec, and the seconds compiling (0 when the program was compiled for an earlier row).
-
-        Cached per (strategy, budget): best-of-N's three selection rules read one pool of samples.
-        """
-        import jax
-        from tqdm import tqdm
-
-        from search.strategies import candidates
-
-        search_cfg, spec = self.spec_for(row, base)
-        key = (row.policy, row.strategy, row.budget, row.scorer if row.strategy != "best_of_n" else "prm")
-        if key in self.pools:  # its program's compile time went to the row that ran it
-            problems, seconds, spec, _ = self.pools[key]
-            return problems, seconds, spec, 0.0
-        searcher = self.searcher(key[3], row.policy)
-        problems, seconds, compiled_before = [], 0.0, searcher.compile_seconds
-        with tqdm(total=len(self.problems), unit="problem", desc=f"{row.name} x{row.budget}",
-                  disable=not self.show_progress, leave=False) as bar:
-            for batch in self.batches:
-                state, chosen, batch_seconds = searcher(spec, batch, search_cfg.seed)
-                per_chain = candidates(spec, state, chosen, self.vocab)
-                stats = {name: np.asarray(jax.device_get(getattr(state, name)))
-                         for name in ("tokens", "policy_flops", "scorer_flops", "expansions")}
-                for row_index, (number, problem) in enumerate(batch.rows):
-                    problems.append({"line": number, "problem": problem, "candidates": per_chain[row_index],
-                                     **{name: float(values[row_index]) for name, values in stats.items()}})
-                seconds += batch_seconds
-                bar.update(len(batch.rows))
-        self.pools[key] = (problems, seconds, spec, searcher.compile_seconds - compiled_before)
-        return self.pools[key]
-
-    def orm_scores(self, problems: list[dict]) -> tuple[list[list[float]], float, float]:
-        """The ORM's score of every candidate chain (a dense forward pass each); the seconds scoring, and the
-        seconds compiling the forward (0 when an earlier row compiled it for this width)."""
-        from tasks.base import completion_steps, final_answer
-        from train.reward import load_reward_model, score_records
-        from train.reward_data import RewardRecord, record_tokens
-
-        if self.orm is None:
-            self.orm = load_reward_model(self.reward_dir / "orm")
-        records = [RewardRecord(p["problem"], i, c.text, tuple(completion_steps(c.text)), final_answer(c.text), (),
-                                0.0, "none") for p in problems for i, c in enumerate(p["candidates"])]
-        compile_seconds = 0.0
-        if records:
-            lengths = [len(record_tokens(r, self.orm.vocab)[0]) for r in records]
-            longest = int(np.argmax(lengths))
-            width = -(-lengths[longest] // 64)  # score_records' padded width, in 64s
-            if width not in self.orm_widths:  # the first call at a width compiles: time it apart
-                start = time.perf_counter()
-                score_records(self.orm, [records[longest]], rows=64)
-                compile_seconds = time.perf_counter() - start
-                self.orm_widths.add(width)
-        start = time.perf_counter()
-        scores = score_records(self.orm, records, rows=64) if records else []
-        seconds = time.perf_counter() - start
-        flat = [s.answer if s.answer is not None else (s.final or 0.0) for s in scores]
-        out, at = [], 0
-        for p in problems:
-            out.append(flat[at : at + len(p["candidates"])])
-            at += len(p["candidates"])
-        return out, seconds, compile_seconds
-
-    def run(self, row: Row, out_dir: Path, base: dict | None) -> dict:
-        """The row's summary (also RUN/search/<key>.json, with per-problem lines in <key>.jsonl)."""
-        from search.strategies import choose
-        from tasks import get_task
-        from tools.search import answer_key
-
-        summary_path = out_dir / f"{row.key}.json"
-        if summary_path.exists():
-            return json.loads(summary_path.read_text())
-        problems, seconds, spec, compile_seconds = self.pool(row, base)
-        orm = None
-        if row.scorer == "orm":
-            orm, orm_seconds, orm_compile_seconds = self.orm_scores(problems)
-            seconds, compile_seconds = seconds + orm_seconds, compile_seconds + orm_compile_seconds
-        records = []
-        for index, entry in enumerate(problems):
-            problem, cands = entry["problem"], entry["candidates"]
-            if orm is not None:
-                cands = [dataclasses.replace(c, score=score) for c, score in zip(cands, orm[index], strict=True)]
-            pick = choose(cands, row.select, answer_key(problem))
-            text = pick.text if pick else ""
-            records.append({
-                "id": problem.id, "line": entry["line"], "answer": pick.answer if pick else None,
-                "correct": get_task(problem.task).score(problem, text)[0] == 1.0, "chain": text,
-                "score": pick.score if pick else None, "candidates": len(cands), "tokens": entry["tokens"],
-                "expansions": entry["expansions"], "policy_flops": entry["policy_flops"],
-                "scorer_flops": entry["scorer_flops"],
-            })
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(out_dir / f"{row.key}.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-        count = len(records)
-        summary = {
-            "name": row.name, "policy": row.policy, "strategy": row.strategy, "scorer": row.scorer,
-            "select": row.select, "budget": row.budget, "size": _size(spec), "problems": count,
-            "accuracy": sum(r["correct"] for r in records) / count,
-            "tokens_per_problem": sum(r["tokens"] for r in records) / count,
-            "steps_per_problem": sum(r["expansions"] for r in records) / count,
-            "flops_per_problem": sum(r["policy_flops"] + r["scorer_flops"] for r in records) / count,
-            "problems_per_s": count / seconds if seconds else float("inf"),
-            "search_seconds": seconds,
-            "compile_seconds": compile_seconds,
-        }
-        write_atomic(summary_path, json.dumps(summary) + "\n")
-        print(f"  {row.name:<28} x{row.budget:<3} {summary['size']:<28} accuracy {summary['accuracy']:.3f}  "
-              f"{summary['tokens_per_problem']:>8.0f} tokens/problem  {summary['problems_per_s']:.2f} problems/s",
-              flush=True)
-        return summary
-
-
-def _size(spec) -> str:
-    return {"sample": "n=1", "best_of_n": f"n={spec.n}", "beam": f"beams={spec.n} m={spec.m}",
-            "dvts": f"n={spec.n} m={spec.m}",
-            "mcts": f"sims={spec.simulations} k={spec.children} wave={spec.wave}"}[spec.strategy]
-
-
-def print_table(results: list[dict]) -> None:
-    header = f"{'strategy':<28} {'budget':>6} {'size':<28} {'accuracy':>8} {'tokens/problem':>14} {'problems/s':>10}"
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        print(f"{r['name']:<28} {'x' + str(r['budget']):>6} {r['size']:<28} {r['accuracy']:>8.3f} "
-              f"{r['tokens_per_problem']:>14.0f} {r['problems_per_s']:>10.2f}")
-
-
-def markdown_table(results: list[dict]) -> str:
-    """The table as markdown (for the README)."""
-    lines = ["| strategy | budget | size | accuracy | tokens/problem | problems/s |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | x{r['budget']} | {r['size']} | {r['accuracy']:.3f} | {r['tokens_per_problem']:.0f} | "
-              f"{r['problems_per_s']:.2f} |" for r in results]
-    return "\n".join(lines)
-
-
-def plot_scaling(results: list[dict], path: Path, title: str) -> None:
-    """Accuracy against tokens per problem (log x), one line per strategy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    samples = {r.get("policy", "sft"): r for r in results if r["strategy"] == "sample"}
-    lines: dict[str, list[dict]] = {}
-    for r in results:
-        if r["strategy"] != "sample":
-            lines.setdefault(r["name"], []).append(r)
-    fig, ax = plt.subplots(figsize=(10.5, 5.5), dpi=120)
-    for name, points in lines.items():
-        policy = points[0].get("policy", "sft")
-        points = sorted([samples[policy]] * (policy in samples) + points, key=lambda r: r["tokens_per_problem"])
-        ax.plot([p["tokens_per_problem"] for p in points], [100 * p["accuracy"] for p in points], marker="o",
-                label=name, linestyle="-" if policy == "sft" else "--")
-    for policy, sample in samples.items():
-        ax.scatter([sample["tokens_per_problem"]], [100 * sample["accuracy"]], color="black", zorder=5,
-                   marker="o" if policy == "sft" else "s", label=sample["name"].replace("sample", "one sample"))
-    ax.set_xscale("log")
-    ax.set_xlabel("generated tokens per problem (log scale)")
-    ax.set_ylabel("accuracy on held-out problems (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)  # beside the curves
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _plot_title(cfg) -> str:

@@ -125,7 +125,6 @@ def run_train(args: argparse.Namespace) -> int:
         return _error("give --policy RUN (start from a policy and its config) or --config C (from scratch)")
     if args.from_scratch and not args.policy:
         return _error("--from-scratch only makes sense with --policy (whose config to use)")
-    from tools.search import answer_key
     from train.checkpoint import CheckpointError, find_run_config
     from train.data import DataStateError
     from train.reward import train_reward_model
@@ -140,7 +139,7 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         result = train_reward_model(args.data, args.out, policy=None if args.from_scratch else args.policy,
                                     config=config, kind=args.kind, overrides=tuple(args.overrides),
-                                    show_progress=not args.no_progress, answer_key=answer_key)
+                                    show_progress=not args.no_progress)
     except (TrainingError, DataStateError, CheckpointError, RewardDataError, ValueError) as err:
         return _error(str(err))
     shown = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in result["train"].items()}
@@ -154,13 +153,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     """Evaluates a reward model on a data file; prints a table (or JSON)."""
-    from tools.search import answer_key
     from train.checkpoint import CheckpointError
     from train.reward import evaluate_reward_model
     from train.reward_data import RewardDataError
 
     try:
-        metrics = evaluate_reward_model(args.checkpoint, args.data, answer_key=answer_key)
+        metrics = evaluate_reward_model(args.checkpoint, args.data)
     except (CheckpointError, RewardDataError, ValueError) as err:
         return _error(str(err))
     print(json.dumps(metrics) if args.json else format_metrics(metrics))

@@ -1,8 +1,6 @@
-"""Model FLOPs per token and hardware peaks, for tokens/s -> TFLOP/s -> MFU.
+"""Hardware peaks, for tokens/s -> TFLOP/s -> MFU: a device's known bf16 peak, or a measured matmul peak.
 
-MFU follows MaxText: model matmul FLOPs only (no norms, softmax or recomputation from
-remat), 6 per parameter per token for a training step (2 forward, 4 backward), and causal
-attention counted half: 12 * layers * seq_len * heads * head_dim / 2 per token.
+The model's FLOPs per token (the numerator) are counted in `model/flops.py`, below search and train.
 """
 
 from __future__ import annotations
@@ -11,8 +9,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-
-from configs.schema import ModelConfig
 
 # Dense peak TFLOP/s per device by jax `device_kind` (bf16), from the vendors' data sheets.
 KNOWN_PEAKS = {
@@ -28,20 +24,6 @@ KNOWN_PEAKS = {
     "NVIDIA A100-SXM4-80GB": 312.0,
     "NVIDIA A100-SXM4-40GB": 312.0,
 }
-
-
-def matmul_params(cfg: ModelConfig) -> int:
-    """Parameters that take part in matmuls per token (every weight but norms and the embedding lookup)."""
-    e, f, n, k, d = cfg.embed_dim, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
-    per_layer = e * d * (2 * n + 2 * k) + 3 * e * f
-    return cfg.num_layers * per_layer + e * cfg.vocab_size  # + the LM head (tied or not)
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
-    """Model FLOPs per token: 6N (2N forward only) plus causal attention counted half."""
-    per_param = 6 if training else 2
-    attention = per_param * 2 * cfg.num_layers * seq_len * cfg.num_heads * cfg.resolved_head_dim / 2
-    return per_param * matmul_params(cfg) + attention
 
 
 def peak_tflops(device: jax.Device | None = None) -> float | None:

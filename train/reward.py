@@ -1,6 +1,6 @@
 """Outcome (ORM) and process (PRM) reward models: build data, train, score, evaluate.
 
-    policy = load_policy("runs/small")
+    policy = load_policy("runs/small")                                     # train.policy
     build_reward_data(policy, plan_problems(policy.cfg.data.mixture, 400, start=100_000), "prm.jsonl",
                       LabelSettings(samples=8))
     result = train_reward_model("prm.jsonl", "runs/small-prm", policy="runs/small", kind="prm")
@@ -21,8 +21,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import time
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ def reward_config(data: str | Path, run_dir: str | Path, *, policy: str | Path |
 
 def train_reward_model(data: str | Path, run_dir: str | Path, *, policy: str | Path | None = None,
                        config: str | Path | None = None, kind: str = "prm", overrides: tuple[str, ...] = (),
-                       show_progress: bool = True, answer_key: Callable | None = None) -> dict[str, Any]:
+                       show_progress: bool = True) -> dict[str, Any]:
     """Trains (or resumes) a PRM/ORM on `data` into `run_dir`, then evaluates it on the held-out problems.
 
     Returns {"train": the trainer's last metrics, "eval": `evaluate` on the records held out
@@ -81,7 +81,7 @@ def train_reward_model(data: str | Path, run_dir: str | Path, *, policy: str | P
     cfg = reward_config(data, run_dir, policy=policy, config=config, kind=kind, overrides=overrides)
     result = train(cfg, show_progress=show_progress)
     records = [r for r in read_reward_records(data) if held_out(r.problem.id, cfg.reward.eval_fraction)]
-    metrics = evaluate_reward_model(run_dir, records, answer_key=answer_key) if records else {}
+    metrics = evaluate_reward_model(run_dir, records) if records else {}
     if metrics and jax.process_index() == 0:
         (Path(run_dir) / EVAL_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
     return {"train": result, "eval": metrics, "run_dir": str(run_dir)}
@@ -124,6 +124,27 @@ def load_reward_model(checkpoint: str | Path, mesh=None) -> RewardModel:
     return RewardModel(cfg, layout.graphdef, params, mesh, get_vocabulary(cfg.data.vocab))
 
 
+def search_scorer(cfg: Config, vocab, mesh) -> tuple[Any, Any]:
+    """(scorer, its params) of `cfg.search.scorer` for a search with `cfg`'s policy on `mesh`.
+
+    `reward` loads the reward model of search.reward_checkpoint, which must share the policy's
+    vocabulary and fit search.max_len (ValueError otherwise); the other scorers have no params.
+    """
+    from search.scorers import make_scorer
+
+    if cfg.search.scorer != "reward":
+        return make_scorer(cfg.search.scorer, vocab=vocab), None
+    path = Path(cfg.search.reward_checkpoint)
+    try:
+        reward = load_reward_model(path, mesh)
+    except FileNotFoundError as err:
+        raise ValueError(f"search.reward_checkpoint: {err}") from None
+    if reward.cfg.data.vocab != cfg.data.vocab or reward.cfg.model.max_seq_len < cfg.search.max_len:
+        raise ValueError(f"search.reward_checkpoint {path}: needs the policy's vocabulary ({cfg.data.vocab}) and "
+                         f"model.max_seq_len >= search.max_len ({cfg.search.max_len})")
+    return make_scorer("reward", reward_graphdef=reward.graphdef, reward_cfg=reward.cfg.model), reward.params
+
+
 @dataclasses.dataclass(frozen=True)
 class RecordScores:
     """A record's reward-model scores: at each step's newline, at the answer's EOS, at the last token."""
@@ -161,6 +182,39 @@ def score_records(model: RewardModel, records: list[RewardRecord], *, rows: int 
     return out
 
 
+class ChainScorer:
+    """A reward model scoring whole chains of text, a dense forward pass each (for rescoring search candidates).
+
+    A chain's score is the model's at its answer line's EOS, else at its last token (0: empty).
+    The first call at each padded width compiles: its seconds are reported apart.
+    """
+
+    def __init__(self, model: RewardModel, rows: int = 64, multiple: int = 64):
+        self.model, self.rows, self.multiple = model, rows, multiple
+        self.widths: set[int] = set()  # padded widths (in multiples) the forward was compiled for
+
+    def __call__(self, chains: list[tuple[Any, str]]) -> tuple[list[float], float, float]:
+        """(score of each (problem, completion), seconds scoring, seconds compiling)."""
+        from tasks.base import completion_steps, final_answer
+
+        records = [RewardRecord(problem, i, text, tuple(completion_steps(text)), final_answer(text), (), 0.0, "none")
+                   for i, (problem, text) in enumerate(chains)]
+        compile_seconds = 0.0
+        if records:
+            lengths = [len(record_tokens(r, self.model.vocab)[0]) for r in records]
+            longest = int(np.argmax(lengths))
+            width = -(-lengths[longest] // self.multiple)
+            if width not in self.widths:  # the first call at a width compiles: time it apart
+                start = time.perf_counter()
+                score_records(self.model, [records[longest]], rows=self.rows, multiple=self.multiple)
+                compile_seconds = time.perf_counter() - start
+                self.widths.add(width)
+        start = time.perf_counter()
+        scores = score_records(self.model, records, rows=self.rows, multiple=self.multiple) if records else []
+        seconds = time.perf_counter() - start
+        return [s.answer if s.answer is not None else (s.final or 0.0) for s in scores], seconds, compile_seconds
+
+
 # -- evaluation --
 
 
@@ -183,8 +237,7 @@ def chain_score(scores: RecordScores, aggregate: str) -> float:
     return {"min": min, "last": lambda v: v[-1], "product": lambda v: float(np.prod(v))}[aggregate](values)
 
 
-def evaluate(records: list[RewardRecord], scores: list[RecordScores], *,
-             answer_key: Callable[[Any], Callable[[str], str]] | None = None) -> dict[str, Any]:
+def evaluate(records: list[RewardRecord], scores: list[RecordScores]) -> dict[str, Any]:
     """Step-label AUC / accuracy, outcome AUC, best-of-N selection accuracy against majority vote,
     and the within-problem AUC of the chain scores (`within_problem_auc`).
 
@@ -192,9 +245,9 @@ def evaluate(records: list[RewardRecord], scores: list[RecordScores], *,
     `majority` the vote over answers; `best_<agg>` the candidate with the best chain score and
     `weighted_<agg>` the score-weighted vote (agg: min, last, product of the step scores, the
     answer line's included); `pass_at_n` any correct candidate (the ceiling). Step labels count
-    as right when >= 0.5. `answer_key(problem)` maps an answer to its vote key (default: stripped text).
+    as right when >= 0.5. Votes count answers by the task's `answer_key`, as `ponder search` does.
     """
-    from search.strategies import Candidate, choose
+    from search.candidates import Candidate, choose
 
     step_scores = np.concatenate([s.steps for s in scores]) if scores else np.zeros(0)
     step_truth = np.array([label >= 0.5 for r in records for label in r.labels], bool)
@@ -214,13 +267,12 @@ def evaluate(records: list[RewardRecord], scores: list[RecordScores], *,
     picks: dict[str, list[float]] = defaultdict(list)
     for indices in by_problem.values():
         problem = records[indices[0]].problem
-        key = answer_key(problem) if answer_key else str.strip
         picks["single"].append(float(np.mean([records[i].outcome for i in indices])))
         picks["pass_at_n"].append(max(records[i].outcome for i in indices))
         for rule, aggregate in [("majority", "last"), *((r, a) for r in ("best", "weighted") for a in AGGREGATES)]:
             cands = [Candidate(i, records[i].completion, records[i].answer, chain_score(scores[i], aggregate), 0.0,
                                True) for i in indices]
-            pick = choose(cands, rule, key)
+            pick = choose(cands, rule, problem)
             name = rule if rule == "majority" else f"{rule}_{aggregate}"
             picks[name].append(records[pick.node].outcome if pick is not None and pick.answer is not None else 0.0)
     metrics["problems"] = len(by_problem)
@@ -254,9 +306,9 @@ def within_problem_auc(records: list[RewardRecord], scores: list[RecordScores],
 
 
 def evaluate_reward_model(checkpoint: str | Path, data: str | Path | list[RewardRecord], *,
-                          answer_key: Callable | None = None, rows: int = 32) -> dict[str, Any]:
+                          rows: int = 32) -> dict[str, Any]:
     """`evaluate` of the reward model at `checkpoint` on a reward data file (or records)."""
     records = read_reward_records(data) if isinstance(data, (str, Path)) else list(data)
     model = load_reward_model(checkpoint)
-    metrics = evaluate(records, score_records(model, records, rows=rows), answer_key=answer_key)
+    metrics = evaluate(records, score_records(model, records, rows=rows))
     return {"kind": model.cfg.reward.kind} | metrics

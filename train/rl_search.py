@@ -3,7 +3,7 @@
     distiller = SearchDistiller(cfg, mesh, vocab, rollout_graphdef)
     chains, found, metrics = distiller(rollout_params, problems, key, stream_indices)
 
-The search is `search.strategies.run_search` with `search.*` settings and `rl.search` as the
+The search is `search.sharded.run_search` with `search.*` settings and `rl.search` as the
 strategy, one jitted call for all the step's prompts, on the policy's rollout-layout params.
 The chain the strategy picks (by search.select) joins the SFT batch when the task's verifier
 accepts it: that is how search is distilled into the policy (STaR with a search teacher).
@@ -11,26 +11,17 @@ accepts it: that is how search is distilled into the policy (STaR with a search 
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import numpy as np
 
 from configs.schema import Config
-from search.sampler import EOS_ID, Sampling, encode_prompts
+from search.candidates import Candidate, candidates, pick_answer
+from search.sampler import EOS_ID, encode_prompts
 from search.scorers import make_scorer
-from search.strategies import Models, SearchSpec, candidates, choose, resolve, run_search
-from tasks import get_task
+from search.sharded import run_search
+from search.spec import spec_from_config
+from search.state import Models
 from tasks.base import Problem
-
-
-def search_spec(cfg: Config, vocab, strategy: str) -> SearchSpec:
-    """The SearchSpec of `search.*` with `strategy`; the step delimiter is the vocabulary's newline."""
-    s = cfg.search
-    fields = {f.name for f in dataclasses.fields(SearchSpec)} - {"sampling", "delimiter", "strategy"}
-    return resolve(SearchSpec(strategy=strategy, **{name: getattr(s, name) for name in fields},
-                              sampling=Sampling(s.temperature, s.top_k, s.top_p),
-                              delimiter=int(vocab.encode("\n")[-1])))
 
 
 class SearchDistiller:
@@ -43,7 +34,7 @@ class SearchDistiller:
             raise ValueError(f"search.max_len ({cfg.search.max_len}) leaves no room for a step after a prompt of "
                              f"rl.max_prompt_len ({cfg.rl.max_prompt_len})")
         self.cfg, self.mesh, self.vocab = cfg, mesh, vocab
-        self.spec = search_spec(cfg, vocab, cfg.rl.search)
+        self.spec = spec_from_config(cfg.search, vocab, strategy=cfg.rl.search)
         self.models = Models(graphdef, cfg.model, make_scorer(cfg.search.scorer, vocab=vocab))
         self.search = jax.jit(run_search, static_argnums=(0, 1))
 
@@ -56,12 +47,22 @@ class SearchDistiller:
         with jax.set_mesh(self.mesh):
             state, chosen = self.search(self.spec, self.models, params, None, tokens, lengths, keys)
         per_problem = candidates(self.spec, state, chosen, self.vocab)
-        chains, found = [], np.zeros(len(problems), bool)
-        for p, (problem, cands) in enumerate(zip(problems, per_problem, strict=True)):
-            pick = choose(cands, self.cfg.search.select, str.strip)
-            text = pick.text if pick else ""
-            found[p] = bool(pick and pick.finished and get_task(problem.task).score(problem, text)[0] == 1.0)
-            ids = list(self.vocab.encode(text)) + [EOS_ID]
-            chains.append(np.asarray(ids[: self.cfg.rl.max_new_tokens], np.int32))
+        chains, found = verified_chains(problems, per_problem, self.cfg.search.select, self.vocab,
+                                        self.cfg.rl.max_new_tokens)
         generated = float(np.asarray(jax.device_get(state.tokens)).mean())
         return chains, found, {"search_found": float(found.mean()), "search_tokens": generated}
+
+
+def verified_chains(problems: list[Problem], per_problem: list[list[Candidate]], select: str, vocab,
+                    max_new_tokens: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each problem's chosen chain as tokens (+ EOS, at most max_new_tokens), and found [P]: it finished and verifies.
+
+    The choice is `ponder search`'s (`pick_answer`: votes by the task's answer key).
+    """
+    chains, found = [], np.zeros(len(problems), bool)
+    for p, (problem, cands) in enumerate(zip(problems, per_problem, strict=True)):
+        pick, correct = pick_answer(problem, cands, select)
+        found[p] = bool(pick and pick.finished and correct)
+        ids = list(vocab.encode(pick.text if pick else "")) + [EOS_ID]
+        chains.append(np.asarray(ids[:max_new_tokens], np.int32))
+    return chains, found

@@ -21,11 +21,12 @@ import numpy as np
 from configs.load import save_config
 from configs.schema import Config
 from model.distributed import check_shared_directory
+from model.flops import flops_per_token
 from model.sharding import make_mesh
 from train.checkpoint import CheckpointError, Checkpoints, load_params, missing_params
 from train.data import Pipeline, get_vocabulary, padded_vocab_size, to_global
 from train.data.shards import HostShards
-from train.flops import flops_per_token, peak_tflops
+from train.flops import peak_tflops
 from train.metrics import MetricsWriter
 from train.optim import learning_rate_schedule
 from train.state import init_state, state_layout
