@@ -182,6 +182,27 @@ def check_shared_directory(directory: str | os.PathLike) -> None:
         )
 
 
+def host_values(tree):
+    """`tree` with every jax.Array leaf as a numpy array of its global value, on every process.
+
+    Reading an array that spans other processes' devices raises; this gathers it instead
+    (`process_allgather`, a collective: every process must call it with the same tree). An
+    array this process holds whole (one process, or replicated) is read where it is.
+    """
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    def read(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(x)
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(read, tree)
+
+
 def _watchdog(done: threading.Event, spec: JobSpec, what: str) -> None:
     """Reports and exits (status 2) when joining takes longer than the timeout, before JAX aborts the process."""
     if done.wait(spec.timeout_s):

@@ -25,6 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from model.distributed import host_values
 from model.flops import decode_flops
 from search.candidates import Candidate, candidates, choose
 from search.sampler import encode_prompts
@@ -151,7 +152,7 @@ class Searcher:
         self.compile_seconds = 0.0
 
     def __call__(self, spec: SearchSpec, batch: Batch, seed: int):
-        """(state, chosen, seconds) for one batch; seconds excludes compiling."""
+        """(state, chosen, seconds) for one batch, as numpy without the page pools; seconds excludes compiling."""
         keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), batch.lines)
         if self.models.scorer.oracle:
             self.models.scorer.problems = [problem for _, problem in batch.rows]
@@ -165,7 +166,10 @@ class Searcher:
                 self.compile_seconds += time.perf_counter() - start
             start = time.perf_counter()
             state, chosen = jax.block_until_ready(self.compiled[signature](*inputs))
-        return state, chosen, time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            # Every host reads every problem's result (gathered on a pod); the page pools stay on device.
+            state, chosen = host_values((dataclasses.replace(state, cache=None, scorer_cache=None), chosen))
+        return state, chosen, seconds
 
 
 def size_by_pilot(searcher: Searcher, spec: SearchSpec, batch: Batch, search_cfg,
@@ -173,7 +177,7 @@ def size_by_pilot(searcher: Searcher, spec: SearchSpec, batch: Batch, search_cfg
     """`spec` sized so a problem costs about search.budget, from a pilot `sample` on `batch`; and what to report."""
     state, _, _ = searcher(resolve(dataclasses.replace(spec, strategy="sample")), batch, search_cfg.seed)
     real = len(batch.rows)
-    tokens, steps, policy, scored = (np.asarray(jax.device_get(x))[:real] for x in
+    tokens, steps, policy, scored = (x[:real] for x in
                                      (state.tokens, state.expansions, state.policy_flops, state.scorer_flops))
     prompt_flops = np.asarray(decode_flops(model_cfg, np.zeros(real, np.int32), batch.lengths[:real] - 1))
     chain_flops = float(np.mean(policy + scored - prompt_flops))
@@ -196,7 +200,7 @@ def search_problems(searcher: Searcher, spec: SearchSpec, batch: Batch, vocab,
     """Each real problem of the batch with its candidates and costs, and the batch's search seconds."""
     state, chosen, seconds = searcher(spec, batch, seed)
     per_chain = candidates(spec, state, chosen, vocab)
-    stats = {name: np.asarray(jax.device_get(getattr(state, name))) for name in STATS}
+    stats = {name: getattr(state, name) for name in STATS}
     searched = [Searched(number, problem, per_chain[row], **{name: float(stats[name][row]) for name in STATS})
                 for row, (number, problem) in enumerate(batch.rows)]
     return searched, seconds
@@ -239,14 +243,17 @@ def write_results(searcher: Searcher, spec: SearchSpec, batches: list[Batch], vo
                   keep_candidates: bool = False, progress: Callable[[int], object] = lambda done: None) -> dict:
     """Searches every batch and writes one JSON line per problem to `out` as each batch finishes.
 
-    Each batch is flushed and synced, so a crash later loses nothing written so far. Returns
+    Each batch is flushed and synced, so a crash later loses nothing written so far. On several
+    processes every one searches (its devices' share of each batch) and process 0 alone writes. Returns
     the totals: problems, answered (with a reference answer), correct, tokens, flops, seconds.
     `progress(n)` is told the problems each batch finished.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    writer = jax.process_index() == 0
+    if writer:
+        out.parent.mkdir(parents=True, exist_ok=True)
     totals = {"problems": 0, "answered": 0, "correct": 0, "tokens": 0.0, "flops": 0.0, "seconds": 0.0}
-    with open(out, "w", encoding="utf-8") as f:
+    with open(out if writer else os.devnull, "w", encoding="utf-8") as f:
         for batch, records, seconds in search_batches(searcher, spec, batches, vocab, search_cfg, keep_candidates):
             for record in records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -255,8 +262,9 @@ def write_results(searcher: Searcher, spec: SearchSpec, batches: list[Batch], vo
                 totals["correct"] += bool(record["correct"])
                 totals["tokens"] += record["tokens"]
                 totals["flops"] += record["policy_flops"] + record["scorer_flops"]
-            f.flush()
-            os.fsync(f.fileno())
+            if writer:
+                f.flush()
+                os.fsync(f.fileno())
             totals["seconds"] += seconds
             progress(len(batch.rows))
     return totals

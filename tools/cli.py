@@ -113,12 +113,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.exit(status or 0)
 
 
-def report(text: str) -> None:
-    """Prints `text` on process 0 only: a job's result is said once, not once per host."""
+def report(text: str, file=None, flush: bool = False) -> None:
+    """Prints `text` on process 0 only: a job's results and notes are said once, not once per host."""
     import jax
 
     if jax.process_index() == 0:
-        print(text)
+        print(text, file=file, flush=flush)
 
 
 def simulate_cpu_devices(count: int) -> None:

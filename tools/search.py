@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tools.cli import add_config_arguments
+from tools.cli import add_config_arguments, report
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Searches every problem, writes the results, prints a summary."""
+    import jax
     from tqdm import tqdm
 
     from configs.load import load_config
@@ -69,12 +70,12 @@ def run(args: argparse.Namespace) -> int:
     vocab = get_vocabulary(cfg.data.vocab)
 
     problems, skipped = runner.read_problems_for_search(problems_path, vocab, search_cfg)
-    for report in skipped:
-        print(f"ponder search: skipped {report}", file=sys.stderr)
+    for skip in skipped:
+        report(f"ponder search: skipped {skip}", file=sys.stderr)
     if not problems:
         return _error(f"{problems_path}: no problem to search")
     if search_cfg.scorer == "oracle":
-        print("ponder search: ORACLE scorer: steps are scored by the task's own checker and verifier, "
+        report("ponder search: ORACLE scorer: steps are scored by the task's own checker and verifier, "
               "which see the reference answer; accuracy is an upper bound, not a result", file=sys.stderr)
 
     mesh = make_mesh(cfg.mesh)
@@ -92,10 +93,11 @@ def run(args: argparse.Namespace) -> int:
                                   min(search_cfg.batch_size, len(problems)), runner.batch_shards(cfg, mesh))
     if search_cfg.budget:
         spec, pilot = runner.size_by_pilot(searcher, spec, batches[0], search_cfg, cfg.model)
-        print("\n".join(pilot), flush=True)
+        report("\n".join(pilot), flush=True)
 
     out = Path(args.out)
-    with tqdm(total=len(problems), unit="problem", desc=spec.strategy, disable=args.no_progress, leave=False) as bar:
+    quiet = args.no_progress or jax.process_index() > 0  # one bar per job
+    with tqdm(total=len(problems), unit="problem", desc=spec.strategy, disable=quiet, leave=False) as bar:
         totals = runner.write_results(searcher, spec, batches, vocab, search_cfg, out,
                                       keep_candidates=args.keep_candidates, progress=bar.update)
     _print_summary(totals, len(skipped), searcher, spec, search_cfg, out)
@@ -107,18 +109,18 @@ def _print_summary(totals: dict, skipped: int, searcher, spec, search_cfg, out: 
 
     problems, strategy = totals["problems"], STRATEGIES[spec.strategy]
     oracle = search_cfg.scorer == "oracle"
-    print(f"ponder search: {spec.strategy} {strategy.size(spec)}"
+    report(f"ponder search: {spec.strategy} {strategy.size(spec)}"
           + f", scorer {'ORACLE' if oracle else search_cfg.scorer}, select {search_cfg.select}")
-    print(f"  {spec.strategy}: {strategy.description}" + (" (the scorer steers it)" if strategy.guided else ""))
+    report(f"  {spec.strategy}: {strategy.description}" + (" (the scorer steers it)" if strategy.guided else ""))
     accuracy = f"{totals['correct'] / totals['answered']:.3f} ({totals['correct']}/{totals['answered']})" \
         if totals["answered"] else "n/a (no reference answers)"
-    print(f"  problems: {problems}, skipped lines: {skipped}")
-    print(f"  accuracy: {accuracy}" + ("  <- ORACLE scorer: an upper bound, not a result" if oracle else ""))
-    print(f"  tokens/problem: {totals['tokens'] / problems:.1f}, FLOPs/problem: {totals['flops'] / problems:.3g}")
+    report(f"  problems: {problems}, skipped lines: {skipped}")
+    report(f"  accuracy: {accuracy}" + ("  <- ORACLE scorer: an upper bound, not a result" if oracle else ""))
+    report(f"  tokens/problem: {totals['tokens'] / problems:.1f}, FLOPs/problem: {totals['flops'] / problems:.3g}")
     rate = problems / totals["seconds"] if totals["seconds"] else float("inf")
-    print(f"  problems/s: {rate:.3g} (search {totals['seconds']:.1f} s)")
-    print(f"  compiles: {len(searcher.compiled)} ({searcher.compile_seconds:.1f} s)")
-    print(f"  results: {out}")
+    report(f"  problems/s: {rate:.3g} (search {totals['seconds']:.1f} s)")
+    report(f"  compiles: {len(searcher.compiled)} ({searcher.compile_seconds:.1f} s)")
+    report(f"  results: {out}")
 
 
 def _error(message: str) -> int:
