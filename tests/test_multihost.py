@@ -154,3 +154,53 @@ def _kill_host(run_dir, host: int) -> None:
             os.kill(int(pid), signal.SIGKILL)
             return
     raise AssertionError(f"no process of host {host} found")
+
+
+def _run(command: list[str], hosts: int) -> str:
+    """`ponder COMMAND` on one process of 8 devices, or on `hosts` processes of 8 / hosts devices; its output."""
+    if hosts == 1:
+        argv = [sys.executable, "-m", "tools.cli", "--devices", "8", *command]
+    else:
+        argv = [sys.executable, "-m", "tools.cli", "launch", "local", "--hosts", str(hosts), "--devices-per-host",
+                str(8 // hosts), "--", "ponder", *command]
+    return finish(subprocess.Popen(argv, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True))
+
+
+def test_search_on_two_processes_writes_what_one_process_writes_once(trained_tiny_policy, tmp_path):
+    """Beam search over 12 problems (2 batches) split over 2 hosts: the same answers, chains and tokens."""
+    _, policy_dir = trained_tiny_policy
+    problems = tmp_path / "problems.jsonl"
+    _run(["data", "export", "--task", "arithmetic", "--difficulty", "2", "--split", "test", "--num", "12",
+          "--out", str(problems)], hosts=1)
+    results = {}
+    for hosts in (1, 2):
+        out = tmp_path / f"results-{hosts}.jsonl"
+        log = _run(["search", "--checkpoint", str(policy_dir), "--problems", str(problems), "--out", str(out),
+                    "--no-progress", "search.strategy=beam", "search.n=2", "search.m=2", "search.batch_size=8"],
+                   hosts)
+        assert log.count("  accuracy: ") == 1, log[-3000:]  # the summary is printed once
+        results[hosts] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["line"] for r in results[2]] == list(range(1, 13))  # file order, each problem once
+    for one, two in zip(results[1], results[2], strict=True):
+        assert {k: v for k, v in one.items() if k != "wall_s"} == {k: v for k, v in two.items() if k != "wall_s"}
+    assert sum(r["correct"] for r in results[1]) > 0  # a policy that answers: the comparison means something
+
+
+def test_three_grpo_steps_on_two_processes_equal_one_process(trained_tiny_policy, tmp_path):
+    _, policy_dir = trained_tiny_policy
+    metrics, rollouts = {}, {}
+    for hosts in (1, 2):
+        run_dir = tmp_path / f"rl-{hosts}"
+        _run(["rl", "--no-progress", "--config", "configs/experiments/rl_tiny.yaml", f"rl.init_from={policy_dir}",
+              f"rl.run_dir={run_dir}", "rl.steps=3", "rl.eval_every=0", "rl.log_every=1", "rl.prompts_per_step=4",
+              "rl.group_size=4", "rl.max_new_tokens=32", "rl.format_reward=1.0", "rl.checkpoint_every=3"], hosts)
+        metrics[hosts] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rollouts[hosts] = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
+    assert rollouts[1] == rollouts[2]  # the same prompts, samples and rewards, each step written once
+    assert [m["step"] for m in metrics[2]] == [1, 2, 3]
+    for one, two in zip(metrics[1], metrics[2], strict=True):
+        for key in ("reward_mean", "loss", "kl", "grad_norm", "correct", "completion_length"):
+            if key in one:
+                assert two[key] == pytest.approx(one[key], abs=1e-5), key
+    assert any(m["reward_mean"] > 0 for m in metrics[1])

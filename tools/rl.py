@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tools.cli import add_config_arguments, config_from_args
+from tools.cli import add_config_arguments, config_from_args, report
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -51,5 +51,5 @@ def run(args: argparse.Namespace) -> int:
     keys = ("step", "stopped", "pass_at_1_start", "pass_at_1", "reward_mean", "kl", "clip_fraction", "entropy",
             "completion_length", "rollout_tokens_per_s", "train_tokens_per_s")
     shown = {k: f"{result[k]:.4g}" if isinstance(result[k], float) else result[k] for k in keys if k in result}
-    print("ponder rl: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+    report("ponder rl: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     return 0

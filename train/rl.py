@@ -40,6 +40,7 @@ import numpy as np
 
 from configs.load import load_config, save_config
 from configs.schema import Config, RLConfig
+from model.distributed import check_shared_directory
 from model.sharding import make_mesh
 from search.sampler import Sampling, decode_text
 from tasks.base import Problem
@@ -139,6 +140,7 @@ def train_rl(cfg: Config, *, show_progress: bool = True, mesh=None) -> dict:
     rl = cfg.rl
     policy_path = check_policy(cfg)
     run_dir = Path(rl.run_dir)
+    check_shared_directory(run_dir)  # several hosts must share one run directory (a no-op on one)
     mesh = mesh or make_mesh(cfg.mesh)
     vocab = get_vocabulary(cfg.data.vocab)
     if jax.process_index() == 0:

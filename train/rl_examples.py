@@ -16,10 +16,10 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-import jax
 import numpy as np
 
 from configs.schema import RLConfig
+from model.distributed import host_values
 from tasks.base import Problem
 from train.rl_loss import group_advantages
 from train.rl_rollout import GroupRollouts, sequences
@@ -137,8 +137,7 @@ def build_examples(rows: ChosenRows, vocab, learner: Learner, params: Any, refer
     width = learner.batch_width(int(used[-1]) + 1 if used.size else 1)
     batch = {name: column[:, :width] for name, column in batch.items()}
     device_batch = learner.put({k: batch[k] for k in ("tokens", "targets")})
-    old = np.asarray(jax.device_get(learner.logprobs(params, device_batch)))
-    ref = np.asarray(jax.device_get(reference.logprobs(device_batch)))
+    old, ref = host_values((learner.logprobs(params, device_batch), reference.logprobs(device_batch)))
     return TrainExamples(**batch, advantages=rows.advantages.astype(np.float32), weights=rows.weights,
                          old_logprobs=old, ref_logprobs=ref)
 

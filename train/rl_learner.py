@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from configs.schema import Config
+from model.distributed import host_values
 from model.sharding import batch_sharding, constrain
 from train.optim import learning_rate_schedule
 from train.rl_examples import TrainExamples
@@ -166,7 +167,7 @@ class Learner:
                 picked = order[m :: rl.minibatches]
                 state, step_metrics = self.step(state, self.put({k: v[picked] for k, v in batch.items()}))
                 metrics.append(step_metrics)
-        return state, [{k: float(v) for k, v in m.items()} for m in jax.device_get(metrics)]
+        return state, [{k: float(v) for k, v in m.items()} for m in host_values(metrics)]
 
     def _make_step(self):
         graphdef, optimizer, settings = self.layout.graphdef, self.layout.optimizer, self.settings

@@ -28,13 +28,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from configs.schema import Config, RLConfig
+from model.distributed import host_values
 from model.sharding import batch_sharding, state_shardings
 from model.transformer import Transformer
 from search.sampler import EOS_ID, PAD_ID, Sampling, decode_text, encode_prompts, generate
 from tasks import get_task
 from tasks.base import Problem, final_answer
 from train.data.sources import Component
-from train.host_state import DataStateError, load_host_state, save_host_state
+from train.host_state import DataStateError, check_saved, load_host_state, save_host_state
 
 OVER_LENGTH = "over length"
 
@@ -44,18 +45,19 @@ class PromptStream:
 
     Index i picks a component of `data.mixture` by rate (a hash of (seed, i)) and takes that
     task's train problem number problem_start + i. Prompts wider than rl.max_prompt_len are
-    skipped (counted in `skipped`). Position and RNG key are what `save`/`restore` keep.
+    skipped (counted in `skipped`). Position and RNG key are what `save`/`restore` keep. Every
+    process takes the same prompts (a step's rollouts are one global batch split over the
+    mesh), so the stream is one shard, saved by process 0 and read back by all, whatever the
+    process count.
     """
 
-    def __init__(self, cfg: Config, vocab, *, shard_index: int | None = None, num_shards: int | None = None):
+    def __init__(self, cfg: Config, vocab):
         self.mixture = {name: rate for name, rate in cfg.data.mixture.items() if name != "text"}
         if not self.mixture:
             raise ValueError("data.mixture has no reasoning-task component for RL prompts (TASK_dN_STYLE)")
         self.components = [(Component.parse(name), rate) for name, rate in self.mixture.items()]
         self.cumulative = np.cumsum([rate for _, rate in self.components]) / sum(r for _, r in self.components)
         self.seed, self.start, self.width, self.vocab = cfg.rl.seed, cfg.rl.problem_start, cfg.rl.max_prompt_len, vocab
-        self.shard_index = jax.process_index() if shard_index is None else shard_index
-        self.num_shards = jax.process_count() if num_shards is None else num_shards
         self.position = self.batches_read = self.skipped = 0
         self.truncated_examples = 0  # the pipeline protocol's counter; RL never truncates a prompt
         self.key = np.asarray(jax.random.key_data(jax.random.key(cfg.rl.seed)))
@@ -90,14 +92,20 @@ class PromptStream:
         return {"mixture": self.mixture, "seed": self.seed, "problem_start": self.start, "width": self.width}
 
     def save(self, directory: str | Path) -> Path:
-        """Writes the position and key to directory/host-I-of-N/state.json (atomically)."""
-        state = self._identity() | {"position": self.position, "batches_read": self.batches_read,
-                                    "skipped": self.skipped, "key": self.key.tolist()}
-        return save_host_state(directory, self.shard_index, self.num_shards, state)
+        """Writes the position and key to directory/shard-0-of-1/state.json (atomically; process 0 only)."""
+        if jax.process_index() == 0:
+            state = self._identity() | {"position": self.position, "batches_read": self.batches_read,
+                                        "skipped": self.skipped, "key": self.key.tolist()}
+            save_host_state(directory, 0, 1, state)
+        return Path(directory)
+
+    def check(self, directory: str | Path) -> None:
+        """FileNotFoundError when no position was saved (damage: the checkpoint falls back to an older step)."""
+        check_saved(directory, 0, 1)
 
     def restore(self, directory: str | Path) -> None:
         """Continues from a saved position; a stream saved with other settings is a DataStateError."""
-        _, state = load_host_state(directory, self.shard_index, self.num_shards, what="prompt stream")
+        _, state = load_host_state(directory, 0, 1, what="prompt stream")
         saved = {k: state.get(k) for k in self._identity()}
         if saved != self._identity():
             changed = ", ".join(f"{k}: saved {saved[k]!r}, now {v!r}" for k, v in self._identity().items()
@@ -212,8 +220,8 @@ class RolloutWorker:
             if pad:
                 chunk_keys = jnp.concatenate([chunk_keys, jnp.repeat(chunk_keys[:1], pad, axis=0)])
             with jax.set_mesh(self.mesh):
-                out = jax.device_get(fn(params, tokens, lengths, chunk_keys))
-            outs.append([np.asarray(x)[: len(chunk)] for x in out])
+                out = host_values(fn(params, tokens, lengths, chunk_keys))
+            outs.append([x[: len(chunk)] for x in out])
         return Rollouts(*(np.concatenate([o[i] for o in outs]) for i in range(3)))
 
 

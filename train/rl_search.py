@@ -11,10 +11,13 @@ accepts it: that is how search is distilled into the policy (STaR with a search 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 
 from configs.schema import Config
+from model.distributed import host_values
 from search.candidates import Candidate, candidates, pick_answer
 from search.sampler import EOS_ID, encode_prompts
 from search.scorers import make_scorer
@@ -46,10 +49,12 @@ class SearchDistiller:
             self.models.scorer.problems = list(problems)
         with jax.set_mesh(self.mesh):
             state, chosen = self.search(self.spec, self.models, params, None, tokens, lengths, keys)
+        # every host reads every problem's result (gathered on a pod); the page pools stay on device
+        state, chosen = host_values((dataclasses.replace(state, cache=None, scorer_cache=None), chosen))
         per_problem = candidates(self.spec, state, chosen, self.vocab)
         chains, found = verified_chains(problems, per_problem, self.cfg.search.select, self.vocab,
                                         self.cfg.rl.max_new_tokens)
-        generated = float(np.asarray(jax.device_get(state.tokens)).mean())
+        generated = float(state.tokens.mean())
         return chains, found, {"search_found": float(found.mean()), "search_tokens": generated}
 
 
