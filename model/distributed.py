@@ -88,15 +88,6 @@ def detect_cluster(environ: Mapping[str, str]) -> str | None:
     return None
 
 
-def start(coordinator: str | None = None, num_processes: int | None = None,
-          process_id: int | None = None) -> JobSpec | None:
-    """Joins this process's job if it belongs to one (see `job_spec`); call it before jax computes anything."""
-    spec = job_spec(coordinator, num_processes, process_id)
-    if spec is not None:
-        join_job(spec)
-    return spec
-
-
 def join_job(spec: JobSpec) -> None:
     """Calls jax.distributed.initialize for `spec`, then checks that every process agrees on the job."""
     import jax

@@ -162,3 +162,15 @@ def _wait_for(condition, timeout=60.0):
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.1)
+
+
+@pytest.mark.parametrize(("command", "name"), [(["demo"], "demo"), (["bench", "data"], "bench"),
+                                             (["reward", "eval", "--checkpoint", "x", "--data", "y"], "reward eval")])
+def test_single_host_commands_refuse_a_multi_process_job_naming_why(command, name):
+    """A command that runs on one host by design says so instead of joining a job."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {
+        "PONDER_COORDINATOR": f"127.0.0.1:{free_port()}", "PONDER_NUM_PROCESSES": "2", "PONDER_PROCESS_ID": "1"}
+    process = subprocess.run([sys.executable, "-m", "tools.cli", *command], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert process.returncode == 2, process.stderr
+    assert f"`ponder {name}` runs on one host (" in process.stderr

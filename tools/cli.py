@@ -21,6 +21,16 @@ from configs.load import ConfigError, load_config
 from configs.schema import Config
 from configs.xla_flags import tune_cpu_backend
 
+# Commands that run on one host by design, and why; in a multi-process job they stop with that reason.
+SINGLE_HOST = {
+    "demo": "the demo is a one-machine showcase of every stage",
+    "bench": "a benchmark measures one host against a reference on the same host",
+    "data": "it reads and writes local problem files",
+    "vocab": "it trains a vocabulary from local files",
+    "reward data": "labelling samples problems in small host-side batches and appends to one local file",
+    "reward eval": "it scores a local reward data file",
+}
+
 # Module names under tools/, in the order --help lists them.
 COMMANDS = ("demo", "info", "train", "rl", "generate", "search", "reward", "data", "vocab", "bench", "launch")
 
@@ -102,7 +112,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         if args.command != "launch":  # a launcher starts a job's processes; it is none of them
-            distributed.start(args.coordinator, args.num_processes, args.process_id)
+            spec = distributed.job_spec(args.coordinator, args.num_processes, args.process_id)
+            name = " ".join(filter(None, (args.command, getattr(args, "reward_command", None))))
+            if spec is not None and name in SINGLE_HOST:
+                raise distributed.DistributedError(
+                    f"`ponder {name}` runs on one host ({SINGLE_HOST[name]}): run it without `ponder launch`, "
+                    "--num-processes or the PONDER_* variables")
+            if spec is not None:
+                distributed.join_job(spec)
         status = args.func(args)
     except (ConfigError, MeshError, ProblemFileError, FileNotFoundError, distributed.DistributedError) as err:
         print(f"ponder {args.command}: error: {err}", file=sys.stderr)

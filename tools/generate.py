@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from tools.cli import add_config_arguments
+from tools.cli import add_config_arguments, report
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     import jax  # the rest imports jax and seqio (slow): only once the arguments are known to be good
     import numpy as np
 
+    from model.distributed import host_values
     from model.sharding import make_mesh
     from search.sampler import EOS_ID, Sampling, decode_text, encode_prompts
     from train.checkpoint import CheckpointError, load_params
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             rows = slice(start, start + batch)
             out = generate(layout.graphdef, params, cfg.model, tokens[rows], lengths[rows], keys[rows],
                            max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=(EOS_ID,))
-            out_tokens, out_num = np.asarray(out.tokens), np.asarray(out.num)
+            out_tokens, out_num = host_values((out.tokens, out.num))  # gathered when rows span hosts
             for row in range(min(batch, len(texts) - start)):
                 index = start + row
                 ids = out_tokens[row, : out_num[row]].tolist()
@@ -123,9 +124,9 @@ def _print_completion(as_json: bool, name: str, prompt: str, completion: str, id
     if as_json:
         record = {"name": name, "prompt": prompt, "completion": completion, "tokens": ids,
                   "stopped": bool(ids) and ids[-1] == EOS_ID}
-        print(json.dumps(record, ensure_ascii=False), flush=True)
+        report(json.dumps(record, ensure_ascii=False), flush=True)
     else:
-        print(f"=== {name}: {prompt}\n{completion}", flush=True)
+        report(f"=== {name}: {prompt}\n{completion}", flush=True)
 
 
 def _error(message: str) -> int:

@@ -13,7 +13,7 @@ import json
 import math
 import sys
 
-from tools.cli import add_config_arguments
+from tools.cli import add_config_arguments, report
 
 AGGREGATES = ("min", "last", "product")  # train.reward.AGGREGATES (not imported here: it imports jax)
 
@@ -143,11 +143,11 @@ def run_train(args: argparse.Namespace) -> int:
     except (TrainingError, DataStateError, CheckpointError, RewardDataError, ValueError) as err:
         return _error(str(err))
     shown = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in result["train"].items()}
-    print("ponder reward train: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+    report("ponder reward train: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     if result["eval"]:
-        print(f"held-out evaluation ({args.out}/reward_eval.json):")
-        print(format_metrics(result["eval"]))
-    print(f"use it in search: search.scorer=reward search.reward_checkpoint={args.out}")
+        report(f"held-out evaluation ({args.out}/reward_eval.json):")
+        report(format_metrics(result["eval"]))
+    report(f"use it in search: search.scorer=reward search.reward_checkpoint={args.out}")
     return 0
 
 

@@ -30,8 +30,10 @@ import jax
 import numpy as np
 from flax import nnx
 
+from configs.fileio import write_atomic
 from configs.load import load_config
 from configs.schema import Config
+from model.distributed import host_values
 from train.checkpoint import find_run_config
 from train.reward_data import RewardRecord, held_out, read_reward_records, record_tokens
 from train.reward_labels import LabelSettings, build_reward_data
@@ -83,7 +85,7 @@ def train_reward_model(data: str | Path, run_dir: str | Path, *, policy: str | P
     records = [r for r in read_reward_records(data) if held_out(r.problem.id, cfg.reward.eval_fraction)]
     metrics = evaluate_reward_model(run_dir, records) if records else {}
     if metrics and jax.process_index() == 0:
-        (Path(run_dir) / EVAL_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
+        write_atomic(Path(run_dir) / EVAL_FILE, json.dumps(metrics, indent=1) + "\n")
     return {"train": result, "eval": metrics, "run_dir": str(run_dir)}
 
 
@@ -173,7 +175,7 @@ def score_records(model: RewardModel, records: list[RewardRecord], *, rows: int 
         for row, (ids, _, _) in enumerate(chunk):
             tokens[row, : len(ids)] = ids
         with jax.set_mesh(model.mesh):
-            values = np.asarray(_token_scores(model.graphdef, model.params, tokens))
+            values = host_values(_token_scores(model.graphdef, model.params, tokens))
         for row, (ids, step_ends, answer_end) in enumerate(chunk):
             answer = float(values[row, answer_end[0]]) if answer_end else None
             has_completion = bool(step_ends or answer_end)
