@@ -102,6 +102,7 @@ class DataConfig(Strict):
     max_prompt_len: int = Field(128, gt=0)
     batch_size: int = Field(16, gt=0)
     shards: int | None = Field(None, gt=0)
+    resume: Literal["exact", "restart"] = "exact"
     pack: bool = True
     shuffle_buffer: int = Field(1024, ge=0)
 

@@ -16,7 +16,7 @@ from configs.load import load_config
 from configs.schema import MeshConfig
 from model.sharding import make_mesh
 from train.checkpoint import Checkpoints
-from train.data import Pipeline, to_global
+from train.data import DataStateError, Pipeline, to_global
 from train.optim import learning_rate_schedule
 from train.state import init_state, state_layout
 from train.step import compile_steps
@@ -211,3 +211,17 @@ def test_sigterm_saves_exits_zero_and_resume_continues(tmp_path):
     assert resumed.returncode == 0, err
     assert f"resumed from step {saved}" in out + err
     assert min(s for s in _losses(run_dir) if s > saved) == saved + 1
+
+
+def test_a_data_position_of_another_shard_count_stops_the_run_or_restarts_the_stream_when_asked(tmp_path):
+    """Saved as 2 data shards, resumed as 1: a DataStateError naming both ways on; data.resume=restart continues."""
+    common = ["train.eval_every=0", "train.checkpoint_every=2", "train.log_every=1"]
+    train(_cfg(tmp_path, *common, "train.steps=2", "data.shards=2"), show_progress=False)
+    with pytest.raises(DataStateError, match=r"saved as 2 data shards but this run reads 1.*data\.shards=2.*"
+                                             r"data\.resume=restart"):
+        train(_cfg(tmp_path, *common, "train.steps=4", "data.shards=1"), show_progress=False)
+    with pytest.warns(UserWarning, match="the data stream starts afresh"):
+        result = train(_cfg(tmp_path, *common, "train.steps=4", "data.shards=1", "data.resume=restart"),
+                       show_progress=False)
+    assert result["step"] == 4
+    assert [m["step"] for m in _metrics(tmp_path / "run") if "loss" in m] == [1, 2, 3, 4]

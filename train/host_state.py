@@ -46,7 +46,7 @@ def load_host_state(directory: str | Path, shard_index: int, num_shards: int,
             raise DataStateError(
                 f"{directory}: the {what} was saved as {shards} data shards but this run reads {num_shards}; "
                 f"continuing would repeat or skip examples. Set data.shards={shards} (any process count that "
-                f"divides {shards} resumes exactly), or start the stream afresh in a new run directory."
+                f"divides {shards} resumes exactly)"
             )
         raise DataStateError(f"{directory}: no saved {what} for data shard {shard_index}")
     return target, json.loads((target / "state.json").read_text())

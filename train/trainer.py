@@ -13,7 +13,9 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -24,7 +26,7 @@ from model.distributed import check_shared_directory
 from model.flops import flops_per_token
 from model.sharding import make_mesh
 from train.checkpoint import CheckpointError, Checkpoints, load_params, missing_params
-from train.data import Pipeline, get_vocabulary, padded_vocab_size, to_global
+from train.data import DataStateError, Pipeline, get_vocabulary, padded_vocab_size, to_global
 from train.data.shards import HostShards
 from train.flops import peak_tflops
 from train.metrics import MetricsWriter
@@ -86,8 +88,7 @@ def train(cfg: Config, *, show_progress: bool = True) -> dict:
                               async_save=tc.async_checkpoints)
 
     if checkpoints.latest_step() is not None:
-        step, state = checkpoints.restore(layout.abstract, data=pipeline)
-        resumed = f"resumed from step {step}"
+        step, state, resumed = resume(checkpoints, layout.abstract, pipeline, cfg.data.resume)
     else:
         params, fresh = _init_params(cfg, layout)
         state, step = init_state(cfg, layout, mesh, params), 0
@@ -186,6 +187,27 @@ def train(cfg: Config, *, show_progress: bool = True) -> dict:
         finally:
             writer.close()
             preemption.close()
+
+
+def resume(checkpoints: Checkpoints, abstract_state, pipeline: HostShards, mode: str) -> tuple[int, Any, str]:
+    """(step, state, what happened) from the newest readable checkpoint, the data stream where it was.
+
+    A data position that cannot continue exactly (saved as another number of data shards, or
+    with other data settings) stops the run with DataStateError, unless `mode` is `restart`
+    (data.resume): then params, optimizer state and step are restored and the data stream
+    starts from its beginning, with a warning that examples already seen come again.
+    """
+    try:
+        step, state = checkpoints.restore(abstract_state, data=pipeline)
+        return step, state, f"resumed from step {step}"
+    except DataStateError as err:
+        if mode != "restart":
+            raise DataStateError(f"{err} (or set data.resume=restart to keep the params and optimizer state and "
+                                 "start the data stream afresh)") from None
+        warnings.warn(f"{err}; data.resume=restart: the data stream starts afresh, so examples seen before "
+                      "this step will be seen again", stacklevel=2)
+    step, state = checkpoints.restore(abstract_state)
+    return step, state, f"resumed from step {step}, data stream restarted"
 
 
 def data_source(cfg: Config, split: str = "train") -> HostShards:
