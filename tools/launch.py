@@ -27,7 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     local.add_argument("--devices-per-host", type=int, default=1, metavar="D",
                        help="CPU devices of each host (default 1)")
     local.add_argument("--log-dir", default=None, help="where host-i.log go (default: RUN_DIR/logs of the command)")
-    local.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND...", help="what every host runs")
+    local.add_argument("job_command", nargs=argparse.REMAINDER, metavar="-- COMMAND...",
+                       help="what every host runs")
     local.set_defaults(func=run_local)
 
 
@@ -35,7 +36,7 @@ def run_local(args: argparse.Namespace) -> int:
     from train.launch.local import local_workers
     from train.launch.supervisor import Supervisor
 
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.job_command[1:] if args.job_command[:1] == ["--"] else args.job_command
     try:
         workers = local_workers(command, args.hosts, args.devices_per_host)
     except ValueError as err:
