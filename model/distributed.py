@@ -156,13 +156,13 @@ def check_shared_directory(directory: str | os.PathLike) -> None:
     if jax.process_index() == 0:
         marker.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(marker, str(nonce))
-    multihost_utils.sync_global_devices(f"ponder: {marker} written")
+    multihost_utils.sync_global_devices("ponder: run directory marker written")
     try:
         sees = marker.exists() and marker.read_text() == str(nonce)
     except OSError:
         sees = False
     everyone = np.asarray(multihost_utils.process_allgather(np.asarray([sees])))[:, 0]
-    multihost_utils.sync_global_devices(f"ponder: {marker} read")
+    multihost_utils.sync_global_devices("ponder: run directory marker read")
     if jax.process_index() == 0:
         marker.unlink()
     if not everyone.all():
