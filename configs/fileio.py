@@ -1,12 +1,10 @@
 """Run-state paths and atomic writes: the one place every layer names and publishes a file.
 
 It lives in configs/ because configs is the one package every other layer (model, tasks,
-search, train, tools) may import. `run_path` turns a string into an `etils.epath.Path`, so
-run directories may be local or on a bucket (`gs://...`, which a pod's hosts share). A local
-write goes to a temporary name beside its target and is renamed over it only once complete,
-so a crash, a full disk or a parallel writer leaves either the old file or the new one,
-never half of one. On object storage an object appears whole when its upload ends, so a
-file is written in place; a directory is staged beside its target and moved over it.
+search, train, tools) may import. `run_path` turns a string into an `etils.epath.Path`, which
+also names buckets (`gs://...`); run state on a bucket is not written yet. A write goes to a
+temporary name beside its target and is renamed over it only once complete, so a crash, a
+full disk or a parallel writer leaves either the old file or the new one, never half of one.
 """
 from __future__ import annotations
 
@@ -42,9 +40,6 @@ def atomic_path(target: str | os.PathLike, *, directory: bool = False, mode: int
     (mkstemp creates 0600 files). On an error the temporary path is removed and `target`
     is left as it was.
     """
-    if is_remote(target):
-        yield from _remote_path(epath.Path(target), directory)
-        return
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{target.name}."
@@ -72,38 +67,15 @@ def atomic_path(target: str | os.PathLike, *, directory: bool = False, mode: int
 @contextlib.contextmanager
 def atomic_open(target: str | os.PathLike, encoding: str = "utf-8") -> Iterator[IO[str]]:
     """A text file that appears at `target`, synced to disk, only when the block ends without error."""
-    if is_remote(target):
-        with epath.Path(target).open("w") as f:  # the object appears when the upload completes
-            yield f
-        return
     with atomic_path(target) as tmp, open(tmp, "w", encoding=encoding) as f:
         yield f
         f.flush()
         os.fsync(f.fileno())
 
 
-def write_atomic(target: str | os.PathLike, text: str) -> Path | epath.Path:
+def write_atomic(target: str | os.PathLike, text: str) -> Path:
     """Writes `text` to `target` atomically and returns the target's path."""
     with atomic_open(target) as f:
         f.write(text)
-    return epath.Path(target) if is_remote(target) else Path(target)
+    return Path(target)
 
-
-def _remote_path(target: epath.Path, directory: bool) -> Iterator[epath.Path]:
-    """atomic_path on object storage: a file in place; a directory staged beside its target, then moved."""
-    if not directory:
-        yield target
-        return
-    staging = target.parent / f".{target.name}.{os.getpid()}.tmp"
-    if staging.exists():
-        staging.rmtree()
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-        if target.exists():
-            target.rmtree()
-        staging.rename(target)
-    except BaseException:
-        if staging.exists():
-            staging.rmtree()
-        raise

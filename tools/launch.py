@@ -11,9 +11,9 @@ Example: ponder launch local --hosts 2 --devices-per-host 4 -- ponder train --co
 Each host runs COMMAND with PONDER_COORDINATOR, PONDER_NUM_PROCESSES and PONDER_PROCESS_ID set
 and its own CPU devices, so `ponder` joins them into one job (jax.distributed, gloo collectives).
 Lines are printed as `[host i] ...` and kept in RUN_DIR/logs/host-i.log (--log-dir, or the run
-directory of a ponder command: train.run_dir, rl.run_dir, the demo's). SIGTERM or Ctrl-C reaches
-every host (training saves and exits 0; a second Ctrl-C kills); when one host fails the others are
-stopped; the exit status is the worst of the hosts'."""
+directory of a ponder command: train.run_dir, rl.run_dir, reward train's --out). SIGTERM or
+Ctrl-C reaches every host (training saves and exits 0; a second Ctrl-C kills); when one host
+fails the others are stopped, and the exit status is the failed host's (else the worst of all)."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -58,13 +58,12 @@ def _run_dir(command: list[str]) -> Path | None:
         args = build_parser().parse_args(command[1:])
     except SystemExit:
         return None  # the hosts will print the usage error themselves
-    if args.command == "demo" and getattr(args, "run_dir", None):
-        return Path(args.run_dir)
-    if not hasattr(args, "overrides"):
+    if args.command == "reward":
+        return Path(args.out) if args.reward_command == "train" else None
+    if args.command not in ("train", "rl"):
         return None
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError:
         return None
-    section = {"rl": cfg.rl, "demo": cfg.demo}.get(args.command, cfg.train)
-    return Path(section.run_dir) if args.command in ("train", "rl", "demo", "reward") else None
+    return Path((cfg.rl if args.command == "rl" else cfg.train).run_dir)

@@ -51,8 +51,8 @@ class DataHandler(ocp.CheckpointHandler):
     thread. Multi-host: orbax creates the (temporary) item directory on the primary host and
     signals the other processes before any handler runs; every process then writes only its
     own shards' subdirectories and removes nothing else, and the primary renames the step
-    once all processes have committed. As
-    for orbax's array writes, `directory` must be on a filesystem every host sees.
+    once all processes have committed. As for orbax's array writes, `directory` must be on a
+    filesystem every host sees.
     `Checkpoints.restore` calls `restore` itself, host-locally after orbax's collective part.
     """
 
