@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from configs.fileio import write_atomic
+from configs.fileio import is_remote, run_path, write_atomic
 from configs.schema import Config
 
 CONFIG_DIR = Path(__file__).resolve().parent
@@ -78,6 +78,10 @@ def resolve_path(path: str | Path | None) -> Path:
     """The config file `path` names: as given if it exists, else looked up in the packaged configs."""
     if path is None:
         return DEFAULT_CONFIG
+    if is_remote(path):  # a run's config.yaml on a bucket: resolved, so it has no relative bases to find
+        if not run_path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return run_path(path)
     given = Path(path).expanduser()
     candidates = [given]
     if not given.is_absolute():
@@ -97,7 +101,7 @@ def dump_config(cfg: Config) -> str:
 
 def save_config(cfg: Config, run_dir: str | Path) -> Path:
     """Writes `run_dir/config.yaml` atomically (temp file, then rename) and returns its path."""
-    return write_atomic(Path(run_dir) / "config.yaml", dump_config(cfg))
+    return write_atomic(run_path(run_dir) / "config.yaml", dump_config(cfg))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from configs.fileio import LineLog
 from model.distributed import host_values
 from model.flops import decode_flops
 from search.candidates import Candidate, candidates, choose
@@ -243,28 +243,29 @@ def write_results(searcher: Searcher, spec: SearchSpec, batches: list[Batch], vo
                   keep_candidates: bool = False, progress: Callable[[int], object] = lambda done: None) -> dict:
     """Searches every batch and writes one JSON line per problem to `out` as each batch finishes.
 
-    Each batch is flushed and synced, so a crash later loses nothing written so far. On several
-    processes every one searches (its devices' share of each batch) and process 0 alone writes. Returns
-    the totals: problems, answered (with a reference answer), correct, tokens, flops, seconds.
+    Each batch is synced (on a bucket, `gs://...`, uploaded at most every LineLog.upload_every_s
+    and at the end), so a crash later loses nothing synced so far. On several processes every
+    one searches (its devices' share of each batch) and process 0 alone writes. Returns the
+    totals: problems, answered (with a reference answer), correct, tokens, flops, seconds.
     `progress(n)` is told the problems each batch finished.
     """
-    out = Path(out)
-    writer = jax.process_index() == 0
-    if writer:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    log = LineLog(out, fresh=True) if jax.process_index() == 0 else None
     totals = {"problems": 0, "answered": 0, "correct": 0, "tokens": 0.0, "flops": 0.0, "seconds": 0.0}
-    with open(out if writer else os.devnull, "w", encoding="utf-8") as f:
+    try:
         for batch, records, seconds in search_batches(searcher, spec, batches, vocab, search_cfg, keep_candidates):
             for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                if log is not None:
+                    log.write(json.dumps(record, ensure_ascii=False))
                 totals["problems"] += 1
                 totals["answered"] += record["correct"] is not None
                 totals["correct"] += bool(record["correct"])
                 totals["tokens"] += record["tokens"]
                 totals["flops"] += record["policy_flops"] + record["scorer_flops"]
-            if writer:
-                f.flush()
-                os.fsync(f.fileno())
+            if log is not None and not log.remote:
+                log.sync()
             totals["seconds"] += seconds
             progress(len(batch.rows))
+    finally:
+        if log is not None:
+            log.close()
     return totals

@@ -11,6 +11,7 @@ from configs.xla_flags import tune_cpu_backend  # noqa: E402  (no jax import): t
 
 tune_cpu_backend()  # after JAX_PLATFORMS: the tests run on CPU even on an accelerator host
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("EPATH_USE_TF", "false")  # as `ponder` sets it; etils.epath reads it once per process
 
 # One persistent compilation cache per test session, inherited by the subprocesses tests start:
 # many tests (CLI runs, killed-and-resumed training, fresh models of the same shapes) compile
@@ -91,3 +92,43 @@ def _train_tiny_policy(run_dir) -> None:
          *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )
     assert process.returncode == 0, process.stderr[-3000:]
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A local GCS server (tests/gcs_emulator.py, in memory) with one bucket; its `env` points gcsfs
+    (through etils.epath) and tensorstore (under orbax) at it. The test process itself uses it too."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import types
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bucket = "ponder-test"
+    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "gcs_emulator.py"), f"--port={port}",
+                               f"--bucket={bucket}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "the GCS emulator did not start"
+            time.sleep(0.1)
+    url = f"http://127.0.0.1:{port}"
+    env = {"EPATH_USE_TF": "false", "STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url,
+           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}  # the emulator has no storage-layout API to ask
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield types.SimpleNamespace(bucket=bucket, env=env, url=url)
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.terminate()
+    server.wait(timeout=10)

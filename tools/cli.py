@@ -14,6 +14,7 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
@@ -97,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `ponder` console script; exits with the command's status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # gs:// run directories go through etils.epath's fsspec/gcsfs backend, the one ponder tests
+    # (against a local emulator), not TensorFlow's GCS filesystem, which it would pick otherwise.
+    os.environ.setdefault("EPATH_USE_TF", "false")
     devices = _devices_before_command(argv)
     if devices is not None:
         simulate_cpu_devices(devices)
@@ -110,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from model.sharding import MeshError
     from tasks.files import ProblemFileError
 
+    joined = False
     try:
         if args.command != "launch":  # a launcher starts a job's processes; it is none of them
             spec = distributed.job_spec(args.coordinator, args.num_processes, args.process_id)
@@ -120,13 +125,26 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "--num-processes or the PONDER_* variables")
             if spec is not None:
                 distributed.join_job(spec)
+                joined = True
         status = args.func(args)
     except (ConfigError, MeshError, ProblemFileError, FileNotFoundError, distributed.DistributedError) as err:
         print(f"ponder {args.command}: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        status = 2
     except BrokenPipeError:  # `ponder info | head`: the reader left; exit quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
+    except (Exception, KeyboardInterrupt):
+        if not joined:
+            raise
+        traceback.print_exc()
+        status = 1
+    if status and joined:
+        # One host of a job failing leaves at once: JAX's exit barrier would wait for the other
+        # hosts, which may be waiting for this one inside a collective. Its launcher (or the
+        # cluster) then stops them.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     sys.exit(status or 0)
 
 

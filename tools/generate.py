@@ -7,7 +7,6 @@ import functools
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from tools.cli import add_config_arguments, report
 
@@ -52,11 +51,12 @@ def jit_generate() -> Callable:
 
 def run(args: argparse.Namespace) -> int:
     """Generates a completion for every prompt and prints them in order."""
+    from configs.fileio import run_path
     from configs.load import load_config
     from tasks.files import read_problems
     from train.checkpoint import find_run_config
 
-    checkpoint = Path(args.checkpoint)
+    checkpoint = run_path(args.checkpoint)
     if not checkpoint.is_dir():
         return _error(f"{checkpoint}: no such checkpoint directory")
     config_path = args.config or find_run_config(checkpoint)

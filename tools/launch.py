@@ -4,6 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from etils import epath
 
 EPILOG = """\
 Example: ponder launch local --hosts 2 --devices-per-host 4 -- ponder train --config tiny
@@ -43,14 +47,15 @@ def run_local(args: argparse.Namespace) -> int:
         print(f"ponder launch: error: {err}", file=sys.stderr)
         return 2
     run_dir = _run_dir(command)
-    log_dir = Path(args.log_dir) if args.log_dir else run_dir / "logs" if run_dir else None
+    log_dir = args.log_dir or (run_dir / "logs" if run_dir else None)
     return Supervisor(workers, log_dir=log_dir).run()
 
 
-def _run_dir(command: list[str]) -> Path | None:
+def _run_dir(command: list[str]) -> epath.Path | None:
     """The run directory a ponder command writes to, or None (not ponder, no run directory, a bad config)."""
     if not command or Path(command[0]).name != "ponder":
         return None
+    from configs.fileio import run_path
     from configs.load import ConfigError, load_config
     from tools.cli import build_parser
 
@@ -59,11 +64,11 @@ def _run_dir(command: list[str]) -> Path | None:
     except SystemExit:
         return None  # the hosts will print the usage error themselves
     if args.command == "reward":
-        return Path(args.out) if args.reward_command == "train" else None
+        return run_path(args.out) if args.reward_command == "train" else None
     if args.command not in ("train", "rl"):
         return None
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError:
         return None
-    return Path((cfg.rl if args.command == "rl" else cfg.train).run_dir)
+    return run_path((cfg.rl if args.command == "rl" else cfg.train).run_dir)

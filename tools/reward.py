@@ -133,9 +133,9 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = args.config
     if config is None and args.from_scratch:
-        from pathlib import Path
+        from configs.fileio import run_path
 
-        config = find_run_config(Path(args.policy))
+        config = find_run_config(run_path(args.policy))
     try:
         result = train_reward_model(args.data, args.out, policy=None if args.from_scratch else args.policy,
                                     config=config, kind=args.kind, overrides=tuple(args.overrides),

@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     import jax
     from tqdm import tqdm
 
+    from configs.fileio import run_path
     from configs.load import load_config
     from model.sharding import make_mesh
     from search import runner
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from train.reward import search_scorer
     from train.state import state_layout
 
-    checkpoint, problems_path = Path(args.checkpoint), Path(args.problems)
+    checkpoint, problems_path = run_path(args.checkpoint), Path(args.problems)
     if not checkpoint.is_dir():
         return _error(f"{checkpoint}: no such checkpoint directory")
     if not problems_path.is_file():
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         spec, pilot = runner.size_by_pilot(searcher, spec, batches[0], search_cfg, cfg.model)
         report("\n".join(pilot), flush=True)
 
-    out = Path(args.out)
+    out = run_path(args.out)
     quiet = args.no_progress or jax.process_index() > 0  # one bar per job
     with tqdm(total=len(problems), unit="problem", desc=spec.strategy, disable=quiet, leave=False) as bar:
         totals = runner.write_results(searcher, spec, batches, vocab, search_cfg, out,

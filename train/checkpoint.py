@@ -6,11 +6,12 @@
     ckpt.save(step, state, data=pipeline, config=cfg, force=True) # final step, preemption
     ckpt.close()
 
-On disk (a local or mounted filesystem that every host sees):
+In a directory every host sees (a shared filesystem or a bucket, `gs://...`):
 `directory/<step>/{state/, config/metadata, data/shard-I-of-N/, _CHECKPOINT_METADATA}`.
 A step is written as `<step>.orbax-checkpoint-tmp*` and renamed once every item of every
-process has committed, so a run killed mid-save leaves only a tmp dir that is never listed
-as a step; earlier steps are untouched, and opening the directory again removes the tmp dir.
+process has committed (on a bucket: written as `<step>/`, then marked with COMMIT_FILE), so a
+run killed mid-save leaves a step that is never listed; earlier steps are untouched, and
+opening the directory again removes the unfinished one.
 
 Failures say which step and what kind: a save that fails (in the background, too) raises
 CheckpointError naming its step at the next `save` or `wait`; a step that does not read back
@@ -24,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -34,11 +34,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from configs.fileio import is_remote, run_path
 from configs.schema import Config
 from train.checkpoint_read import CheckpointError, describe, newest_readable
 from train.data.shards import HostShards
 
 METADATA_FILE = "_CHECKPOINT_METADATA"
+COMMIT_FILE = "commit_success.txt"  # what orbax writes last into a step on object storage
 # what orbax names a step while it is being written (`<step>.orbax-checkpoint-tmp`, maybe `-<timestamp>`)
 UNFINISHED_STEP = re.compile(rf"^\d+{re.escape(ocp.utils.TMP_DIR_SUFFIX)}(-\d+)?$")
 
@@ -57,11 +59,11 @@ class DataHandler(ocp.CheckpointHandler):
     """
 
     def save(self, directory: epath.Path, args: DataSave) -> None:
-        args.pipeline.save(Path(directory))
+        args.pipeline.save(directory)
 
     def restore(self, directory: epath.Path, args: DataRestore) -> int:
-        args.pipeline.check(Path(directory))
-        args.pipeline.restore(Path(directory))
+        args.pipeline.check(directory)
+        args.pipeline.restore(directory)
         return args.pipeline.batches_read
 
 
@@ -91,7 +93,7 @@ class Checkpoints:
     def __init__(self, directory: str | Path, *, save_every: int, keep: int, async_save: bool = True):
         if save_every < 1 or keep < 1:
             raise ValueError(f"save_every ({save_every}) and keep ({keep}) must be at least 1")
-        self.directory = Path(directory).absolute()
+        self.directory = run_path(directory)
         self.save_every = save_every
         self._corrupted: dict[int, str] = {}  # steps a restore had to skip, with what was wrong
         self._pending: int | None = None  # the step whose save may still be running
@@ -218,11 +220,19 @@ class Checkpoints:
             self._manager.close()
 
     def _remove_unfinished_saves(self) -> None:
-        """Removes orbax's tmp dirs of steps whose save never finished (a crash mid-save), and nothing else."""
+        """Removes the steps whose save never finished (a crash mid-save), and nothing else.
+
+        On a disk those are orbax's tmp dirs; on object storage, which has no rename, orbax
+        writes `<step>/` in place and marks it finished with COMMIT_FILE last.
+        """
         if jax.process_index() == 0:
-            for path in sorted(self.directory.iterdir()):
-                if UNFINISHED_STEP.match(path.name) and path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
+            remote = is_remote(self.directory)
+            # a bucket has no empty directories: `checkpoints/` exists once a step is written
+            for path in sorted(self.directory.iterdir()) if self.directory.exists() else []:
+                unfinished = UNFINISHED_STEP.match(path.name) or (
+                    remote and path.name.isdigit() and not (path / COMMIT_FILE).exists())
+                if unfinished and path.is_dir() and not path.is_symlink():
+                    path.rmtree()
                     warnings.warn(f"removed {path}: a save that never finished (the run stopped mid-save)",
                                   stacklevel=3)
         if jax.process_count() > 1:
@@ -247,7 +257,7 @@ class Checkpoints:
         self._manager.reload()
 
 
-def find_run_config(checkpoint: Path) -> Path | None:
+def find_run_config(checkpoint: Path | epath.Path) -> Path | epath.Path | None:
     """config.yaml of the run a checkpoint path belongs to (run dir, run/checkpoints or run/checkpoints/<step>)."""
     for directory in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
         if (directory / "config.yaml").is_file():
@@ -265,7 +275,7 @@ def load_params(path: str | Path, abstract_params: Any, *, allow_missing: bool =
     `abstract_params` has and the checkpoint lacks (a fresh value head) raise CheckpointError,
     unless `allow_missing`: then they come back as their ShapeDtypeStructs, for `init_state` to fill.
     """
-    path = Path(path).absolute()
+    path = run_path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     if (path / "checkpoints").is_dir():  # a run directory

@@ -11,33 +11,39 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from configs.fileio import atomic_path
+from etils import epath
+
+from configs.fileio import atomic_path, run_path, write_atomic
 
 
 class DataStateError(ValueError):
     """A saved stream position that this stream cannot continue from exactly."""
 
 
-def shard_dir(directory: str | Path, shard_index: int, num_shards: int) -> Path:
+def shard_dir(directory: str | Path, shard_index: int, num_shards: int) -> epath.Path:
     """`directory/shard-I-of-N`: where shard I of N keeps its position."""
-    return Path(directory) / f"shard-{shard_index}-of-{num_shards}"
+    return run_path(directory) / f"shard-{shard_index}-of-{num_shards}"
 
 
 def save_host_state(directory: str | Path, shard_index: int, num_shards: int, state: dict[str, Any],
-                    write_extra: Callable[[Path], None] | None = None) -> Path:
-    """Writes `state` (plus `num_shards`) as shard I's state.json, with what `write_extra(staging)` adds; atomic."""
+                    write_extra: Callable[[Path], None] | None = None) -> epath.Path:
+    """Writes `state` (plus `num_shards`) as shard I's state.json, with what `write_extra(staging)` adds; atomic.
+
+    `write_extra` gets a local directory. On object storage state.json goes up last, so a shard
+    whose upload was cut short has none and reads as missing, never as half a position.
+    """
     target = shard_dir(directory, shard_index, num_shards)
     with atomic_path(target, directory=True) as staging:
         if write_extra is not None:
             write_extra(staging)
-        (staging / "state.json").write_text(json.dumps(state | {"num_shards": num_shards}, indent=1))
+    write_atomic(target / "state.json", json.dumps(state | {"num_shards": num_shards}, indent=1))
     return target
 
 
 def load_host_state(directory: str | Path, shard_index: int, num_shards: int,
-                    what: str = "data position") -> tuple[Path, dict[str, Any]]:
+                    what: str = "data position") -> tuple[epath.Path, dict[str, Any]]:
     """(shard directory, saved state) of shard I of N; a DataStateError names a different saved shard count."""
-    directory = Path(directory)
+    directory = run_path(directory)
     target = shard_dir(directory, shard_index, num_shards)
     if not (target / "state.json").is_file():
         saved = sorted(p.name for p in directory.glob("shard-*-of-*"))
@@ -58,7 +64,7 @@ def check_saved(directory: str | Path, shard_index: int, num_shards: int) -> Non
     A position saved with another shard count is left to `load_host_state`, whose DataStateError says so.
     """
     own = shard_dir(directory, shard_index, num_shards)
-    saved = [p.name for p in Path(directory).glob("shard-*-of-*")]
+    saved = [p.name for p in run_path(directory).glob("shard-*-of-*")]
     other_count = saved and not any(name.endswith(f"-of-{num_shards}") for name in saved)
     if not (own / "state.json").is_file() and not other_count:
         raise FileNotFoundError(f"{own}: no data position saved for this shard")

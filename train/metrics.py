@@ -7,16 +7,23 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import jax
 from tqdm import tqdm
 
-from configs.fileio import write_atomic
+from configs.fileio import LineLog, is_remote, run_path, upload_tree
 
 
 class MetricsWriter:
-    """Appends `{"step": s, **metrics}` to run_dir/metrics.jsonl and TensorBoard scalars."""
+    """Appends `{"step": s, **metrics}` to run_dir/metrics.jsonl and TensorBoard scalars.
+
+    With the run directory on object storage the event files are written to a local temporary
+    directory and uploaded, with metrics.jsonl, at every `sync()` (the trainers call it once a
+    checkpoint save starts, so no logged step older than a checkpoint is lost) and at most
+    every `LineLog.upload_every_s` seconds in between.
+    """
 
     def __init__(self, run_dir: str | Path, *, total_steps: int, initial_step: int = 0, show_progress: bool = True):
         self.enabled = jax.process_index() == 0
@@ -24,11 +31,10 @@ class MetricsWriter:
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            run_dir = Path(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            drop_records_after(run_dir / "metrics.jsonl", initial_step)
-            self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 (closed in close())
-            self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+            self._jsonl = LineLog(run_path(run_dir) / "metrics.jsonl", keep=lambda line: step_of(line) <= initial_step)
+            self._events = run_path(run_dir) / "tensorboard"
+            self._staging = tempfile.TemporaryDirectory(prefix="ponder-tensorboard-") if is_remote(run_dir) else None
+            self._tensorboard = SummaryWriter(self._staging.name if self._staging else str(self._events))
         self._bar = tqdm(
             total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
             disable=not (self.enabled and show_progress),
@@ -39,10 +45,24 @@ class MetricsWriter:
         if not self.enabled:
             return
         clean = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in metrics.items()}
-        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         for name, value in clean.items():
             if value is not None:
                 self._tensorboard.add_scalar(name, value, step)
+        uploads = self._jsonl.uploads
+        self._jsonl.write(json.dumps({"step": step, **clean}))
+        if self._jsonl.uploads != uploads:  # metrics.jsonl went up: the events go with it
+            self._upload_events()
+
+    def sync(self) -> None:
+        """Makes everything written so far durable in the run directory."""
+        if self.enabled:
+            self._jsonl.sync()
+            self._upload_events()
+
+    def _upload_events(self) -> None:
+        self._tensorboard.flush()
+        if self._staging is not None:
+            upload_tree(self._staging.name, self._events)
 
     def progress(self, step: int, summary: dict[str, float]) -> None:
         """Moves the bar to `step` and shows a few headline numbers."""
@@ -58,12 +78,12 @@ class MetricsWriter:
         self._bar.close()
         if self.enabled:
             self._tensorboard.close()
+            self._upload_events()
             self._jsonl.close()
+            if self._staging is not None:
+                self._staging.cleanup()
 
 
-def drop_records_after(path: Path, step: int) -> None:
-    """On resume, forget records of steps past the checkpoint: those steps run again."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    write_atomic(path, "".join(f"{line}\n" for line in kept))
+def step_of(line: str) -> int:
+    """The step of one JSON-lines record (metrics.jsonl, rollouts.jsonl)."""
+    return json.loads(line)["step"]

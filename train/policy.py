@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from configs.fileio import run_path
 from configs.load import load_config
 from configs.schema import Config
 from train.checkpoint import find_run_config, load_params
@@ -42,7 +43,7 @@ def load_policy(checkpoint: str | Path, config: str | Path | None = None, overri
     from train.data import get_vocabulary
     from train.state import state_layout
 
-    checkpoint = Path(checkpoint)
+    checkpoint = run_path(checkpoint)
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"{checkpoint}: no such checkpoint directory")
     config = config or find_run_config(checkpoint)

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from configs.fileio import write_atomic
+from configs.fileio import run_path, write_atomic
 from configs.load import load_config
 from configs.schema import Config
 from model.distributed import host_values
@@ -60,7 +60,7 @@ def reward_config(data: str | Path, run_dir: str | Path, *, policy: str | Path |
     if config is None:
         if policy is None:
             raise ValueError("give a config, or a policy run whose config.yaml to start from")
-        config = find_run_config(Path(policy))
+        config = find_run_config(run_path(policy))
         if config is None:
             raise FileNotFoundError(f"no config.yaml in {policy} or the run directory above it")
     settings = ["data.objective=reward", "model.value_head=true", f"reward.data={_quoted(Path(data).absolute())}",
@@ -85,7 +85,7 @@ def train_reward_model(data: str | Path, run_dir: str | Path, *, policy: str | P
     records = [r for r in read_reward_records(data) if held_out(r.problem.id, cfg.reward.eval_fraction)]
     metrics = evaluate_reward_model(run_dir, records) if records else {}
     if metrics and jax.process_index() == 0:
-        write_atomic(Path(run_dir) / EVAL_FILE, json.dumps(metrics, indent=1) + "\n")
+        write_atomic(run_path(run_dir) / EVAL_FILE, json.dumps(metrics, indent=1) + "\n")
     return {"train": result, "eval": metrics, "run_dir": str(run_dir)}
 
 
@@ -113,7 +113,7 @@ def load_reward_model(checkpoint: str | Path, mesh=None) -> RewardModel:
     from train.data import get_vocabulary
     from train.state import state_layout
 
-    checkpoint = Path(checkpoint)
+    checkpoint = run_path(checkpoint)
     config = find_run_config(checkpoint) if checkpoint.is_dir() else None
     if config is None:
         raise FileNotFoundError(f"{checkpoint}: not a run directory with config.yaml (or its checkpoints)")
@@ -136,7 +136,7 @@ def search_scorer(cfg: Config, vocab, mesh) -> tuple[Any, Any]:
 
     if cfg.search.scorer != "reward":
         return make_scorer(cfg.search.scorer, vocab=vocab), None
-    path = Path(cfg.search.reward_checkpoint)
+    path = run_path(cfg.search.reward_checkpoint)
     try:
         reward = load_reward_model(path, mesh)
     except FileNotFoundError as err:

@@ -38,6 +38,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from configs.fileio import LineLog, run_path
 from configs.load import load_config, save_config
 from configs.schema import Config, RLConfig
 from model.distributed import check_shared_directory
@@ -46,7 +47,7 @@ from search.sampler import Sampling, decode_text
 from tasks.base import Problem
 from train.checkpoint import CheckpointError, Checkpoints, find_run_config, load_params
 from train.data import get_vocabulary
-from train.metrics import MetricsWriter, drop_records_after
+from train.metrics import MetricsWriter, step_of
 from train.policy import load_policy
 from train.problems import plan_problems
 from train.rl_examples import ChosenRows, build_examples, choose_rows, rollout_logprob_gap
@@ -117,7 +118,7 @@ def check_policy(cfg: Config) -> Path:
 
     if not cfg.rl.init_from:
         raise RLError("rl.init_from is not set: RL starts from a policy (a `ponder train` run directory)")
-    path = Path(cfg.rl.init_from)
+    path = run_path(cfg.rl.init_from)
     if not path.is_dir():
         raise RLError(f"rl.init_from={path}: no such directory")
     config = find_run_config(path)
@@ -139,7 +140,7 @@ def train_rl(cfg: Config, *, show_progress: bool = True, mesh=None) -> dict:
     check_vocab(cfg)
     rl = cfg.rl
     policy_path = check_policy(cfg)
-    run_dir = Path(rl.run_dir)
+    run_dir = run_path(rl.run_dir)
     check_shared_directory(run_dir)  # several hosts must share one run directory (a no-op on one)
     mesh = mesh or make_mesh(cfg.mesh)
     vocab = get_vocabulary(cfg.data.vocab)
@@ -169,7 +170,7 @@ def train_rl(cfg: Config, *, show_progress: bool = True, mesh=None) -> dict:
 def _loop(cfg: Config, mesh, vocab, learner: Learner, stream: PromptStream, checkpoints: Checkpoints, state, step: int,
           reference: ReferenceModel, resumed: str, show_progress: bool, cleanup: contextlib.ExitStack) -> dict:
     """The steps from `step` to rl.steps, with metrics, evaluations and checkpoints."""
-    rl, run_dir, layout = cfg.rl, Path(cfg.rl.run_dir), learner.layout
+    rl, run_dir, layout = cfg.rl, run_path(cfg.rl.run_dir), learner.layout
 
     worker = RolloutWorker(cfg, mesh, vocab, layout.shardings["params"])
     distiller = None
@@ -179,9 +180,6 @@ def _loop(cfg: Config, mesh, vocab, learner: Learner, stream: PromptStream, chec
         distiller = SearchDistiller(cfg, mesh, vocab, worker.graphdef)
     writer = MetricsWriter(run_dir, total_steps=rl.steps, initial_step=step, show_progress=show_progress)
     cleanup.callback(writer.close)
-    rollout_log = run_dir / "rollouts.jsonl"
-    if jax.process_index() == 0:
-        drop_records_after(rollout_log, step)
     validation = eval_problems(cfg) if rl.eval_every else []
     eval_sampling = Sampling(rl.eval_temperature, rl.top_k, rl.top_p) if rl.eval_temperature is not None \
         else rollout_sampling(cfg)
@@ -202,8 +200,9 @@ def _loop(cfg: Config, mesh, vocab, learner: Learner, stream: PromptStream, chec
     preemption = Preemption()
     cleanup.callback(preemption.close)
     nonfinite = 0
-    log = open(rollout_log, "a", buffering=1) if jax.process_index() == 0 else None  # noqa: SIM115 (closed by cleanup)
-    if log is not None:
+    log = None
+    if jax.process_index() == 0:  # the steps past the checkpoint run again
+        log = LineLog(run_dir / "rollouts.jsonl", keep=lambda line, resumed_at=step: step_of(line) <= resumed_at)
         cleanup.callback(log.close)
     while step < rl.steps:
         state, metrics, record = _rl_step(cfg, state, stream, worker, learner, reference, distiller, step + 1)
@@ -214,7 +213,7 @@ def _loop(cfg: Config, mesh, vocab, learner: Learner, stream: PromptStream, chec
                                 f"{step}); stopping with the last good checkpoint in {run_dir / 'checkpoints'} "
                                 "intact. Try a lower optimizer.learning_rate.")
         if log is not None:
-            log.write(json.dumps({"step": step, **record}) + "\n")
+            log.write(json.dumps({"step": step, **record}))
         if step % rl.log_every == 0 or step == rl.steps:
             last = metrics | {"compile_s": learner.compile_seconds + worker.compile_seconds}
             writer.write(step, last)
@@ -222,7 +221,10 @@ def _loop(cfg: Config, mesh, vocab, learner: Learner, stream: PromptStream, chec
             last |= evaluate(step)
         writer.progress(step, {k: last[k] for k in ("reward_mean", "kl", "pass_at_1") if k in last})
         stopping = preemption.reached(step)
-        checkpoints.save(step, state, data=stream, config=cfg, force=stopping or step == rl.steps)
+        if checkpoints.save(step, state, data=stream, config=cfg, force=stopping or step == rl.steps):
+            writer.sync()  # the logs of every step up to a checkpoint are durable before it is
+            if log is not None:
+                log.sync()
         if stopping:
             checkpoints.wait()
             writer.message(f"ponder rl: SIGTERM: saved step {step} to {run_dir / 'checkpoints'}; exiting")

@@ -91,13 +91,12 @@ class PromptStream:
     def _identity(self) -> dict:
         return {"mixture": self.mixture, "seed": self.seed, "problem_start": self.start, "width": self.width}
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path) -> None:
         """Writes the position and key to directory/shard-0-of-1/state.json (atomically; process 0 only)."""
         if jax.process_index() == 0:
             state = self._identity() | {"position": self.position, "batches_read": self.batches_read,
                                         "skipped": self.skipped, "key": self.key.tolist()}
             save_host_state(directory, 0, 1, state)
-        return Path(directory)
 
     def check(self, directory: str | Path) -> None:
         """FileNotFoundError when no position was saved (damage: the checkpoint falls back to an older step)."""

@@ -14,12 +14,12 @@ import sys
 import threading
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from configs.fileio import run_path
 from configs.load import save_config
 from configs.schema import Config
 from model.distributed import check_shared_directory
@@ -75,7 +75,7 @@ def train(cfg: Config, *, show_progress: bool = True) -> dict:
     """Runs (or resumes) training to `cfg.train.steps`; returns the last logged metrics and `stopped`."""
     check_vocab(cfg)
     tc = cfg.train
-    run_dir = Path(tc.run_dir)
+    run_dir = run_path(tc.run_dir)
     check_shared_directory(run_dir)  # several hosts must share one run directory (a no-op on one)
     mesh = make_mesh(cfg.mesh)
     rules = cfg.rules()
@@ -174,7 +174,8 @@ def train(cfg: Config, *, show_progress: bool = True) -> dict:
                 last |= evaluation
 
             stopping = preemption.reached(step)
-            checkpoints.save(step, state, data=pipeline, config=cfg, force=stopping or step == tc.steps)
+            if checkpoints.save(step, state, data=pipeline, config=cfg, force=stopping or step == tc.steps):
+                writer.sync()  # the metrics of every step up to a checkpoint are durable before it is
             if stopping:
                 checkpoints.wait()
                 writer.message(f"ponder train: SIGTERM: saved step {step} to {run_dir / 'checkpoints'}; exiting")

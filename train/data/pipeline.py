@@ -21,7 +21,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import seqio
+from etils import epath
 
+from configs.fileio import local_copy
 from configs.schema import DataConfig
 from train.data.sources import register_mixture
 from train.data.tf_cpu import tf
@@ -123,7 +125,7 @@ class Pipeline:
     def _identity(self) -> dict:
         return {"data": self.cfg.model_dump(mode="json"), "seed": self.seed, "split": self.split}
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path) -> epath.Path:
         """Writes this host's position to directory/host-I-of-N (atomically); returns that path."""
         state = self._identity() | {"batches_read": self.batches_read}
         return save_host_state(directory, self.shard_index, self.num_shards, state,
@@ -137,7 +139,8 @@ class Pipeline:
             changed = [k for k in state["data"] if state["data"][k] != self._identity()["data"].get(k)]
             changed += [k for k in ("seed", "split") if state[k] != self._identity()[k]]
             raise DataStateError(f"{target}: saved with different data settings ({', '.join(changed)})")
-        tf.train.Checkpoint(iterator=self._iterator).read(str(target / "iterator")).assert_consumed()
+        with local_copy(target) as local:  # TensorFlow reads its checkpoint from a disk
+            tf.train.Checkpoint(iterator=self._iterator).read(str(local / "iterator")).assert_consumed()
         self.batches_read = state["batches_read"]
 
 

@@ -25,7 +25,7 @@ class Stream(Protocol):
     truncated_examples: int
 
     def __next__(self) -> dict[str, np.ndarray]: ...
-    def save(self, directory: str | Path) -> Path: ...
+    def save(self, directory: str | Path) -> object: ...
     def restore(self, directory: str | Path) -> None: ...
 
 
@@ -66,11 +66,10 @@ class HostShards:
     def truncated_examples(self) -> int:
         return sum(stream.truncated_examples for stream in self.streams)
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path) -> None:
         """Saves every owned shard's position under `directory`."""
         for stream in self.streams:
             stream.save(directory)
-        return Path(directory)
 
     def check(self, directory: str | Path) -> None:
         """FileNotFoundError when an owned shard's saved position is missing (see host_state.check_saved)."""

@@ -6,7 +6,8 @@
 `ponder launch local` starts its hosts as local processes; the TPU pod backends start theirs
 over ssh or a cluster client. Only `start` (Worker -> a running process with a readable
 stdout) differs between them, so it is a parameter. The rest is the same everywhere: each
-line a host prints is shown as `[host i] ...` and appended to `log_dir/host-i.log`; SIGTERM
+line a host prints is shown as `[host i] ...` and appended to `log_dir/host-i.log` (on a bucket:
+at the end of the job, since objects cannot be appended to); SIGTERM
 and SIGINT to the supervisor reach every host; when one host fails the others are stopped
 (a JAX job cannot go on without one of its processes); the job's exit status is that of
 the host that failed first (the ones stopped because of it do not count), else the worst of
@@ -19,11 +20,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
+
+from configs.fileio import is_remote, run_path, write_atomic
 
 STOP_GRACE_S = 60.0  # how long hosts stopped by the supervisor get to save and exit before SIGKILL
 
@@ -59,7 +63,10 @@ class Supervisor:
                  log_dir: str | os.PathLike | None = None, out: IO[str] | None = None,
                  stop_grace_s: float = STOP_GRACE_S):
         self.workers, self.start, self.stop_grace_s = workers, start, stop_grace_s
-        self.log_dir = Path(log_dir) if log_dir is not None else None
+        # logs for a bucket (gs://RUN/logs) are written locally, then appended to the bucket's copies at the end
+        self.log_upload = run_path(log_dir) if log_dir is not None and is_remote(log_dir) else None
+        self._log_staging = tempfile.TemporaryDirectory(prefix="ponder-logs-") if self.log_upload else None
+        self.log_dir = Path(self._log_staging.name if self._log_staging else log_dir) if log_dir is not None else None
         self.out = out if out is not None else sys.stdout
         self.processes: list[subprocess.Popen] = []
         self.statuses: dict[int, int] = {}
@@ -87,6 +94,8 @@ class Supervisor:
             for reader in readers:
                 reader.join(timeout=5)
             self._restore_signal_handlers(previous)
+            if self.log_upload is not None:
+                self._upload_logs()
         return self.failure if self.failure is not None else max(self.statuses.values(), default=1)
 
     def _wait(self) -> None:
@@ -139,6 +148,18 @@ class Supervisor:
             process.stdout.close()
             if log is not None:
                 log.close()
+
+    def _upload_logs(self) -> None:
+        """Appends each host's log of this job to its copy in the bucket (object storage cannot append)."""
+        try:
+            for log in sorted(self.log_dir.glob("host-*.log")):
+                target = self.log_upload / log.name
+                earlier = target.read_text(encoding="utf-8") if target.exists() else ""
+                write_atomic(target, earlier + log.read_text(encoding="utf-8"))
+        except OSError as err:
+            self._say(f"could not upload the hosts' logs to {self.log_upload}: {err}")
+        finally:
+            self._log_staging.cleanup()
 
     def _say(self, message: str) -> None:
         with self._lock:
