@@ -27,6 +27,20 @@ from etils import epath
 REMOTE_SCHEMES = ("gs://", "s3://")
 
 
+# How ponder reaches object storage, set by entry points (the CLI, the tests) before first use:
+# etils.epath goes through fsspec/gcsfs (the client tested here against an emulator), not the
+# TensorFlow GCS filesystem it picks when TensorFlow is installed; and gcsfs lists a directory
+# afresh every time, since other hosts of a job write to the same run directory (a cached
+# listing would miss a step another process committed).
+OBJECT_STORAGE_ENV = {"EPATH_USE_TF": "false", "FSSPEC_GS": '{"use_listings_cache": false}'}
+
+
+def use_object_storage_defaults() -> None:
+    """Sets OBJECT_STORAGE_ENV in os.environ where the user has not; call before the first gs:// path."""
+    for key, value in OBJECT_STORAGE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def run_path(path: str | os.PathLike) -> epath.Path:
     """`path` as an epath.Path: local paths made absolute, `gs://bucket/...` kept as it is."""
     return epath.Path(path) if is_remote(path) else epath.Path(os.path.abspath(os.fspath(path)))

@@ -11,7 +11,9 @@ from configs.xla_flags import tune_cpu_backend  # noqa: E402  (no jax import): t
 
 tune_cpu_backend()  # after JAX_PLATFORMS: the tests run on CPU even on an accelerator host
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("EPATH_USE_TF", "false")  # as `ponder` sets it; etils.epath reads it once per process
+from configs.fileio import use_object_storage_defaults  # noqa: E402
+
+use_object_storage_defaults()  # as `ponder` does: etils.epath and fsspec read these once per process
 
 # One persistent compilation cache per test session, inherited by the subprocesses tests start:
 # many tests (CLI runs, killed-and-resumed training, fresh models of the same shapes) compile

@@ -18,6 +18,7 @@ import traceback
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
+from configs.fileio import use_object_storage_defaults
 from configs.load import ConfigError, load_config
 from configs.schema import Config
 from configs.xla_flags import tune_cpu_backend
@@ -98,9 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `ponder` console script; exits with the command's status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    # gs:// run directories go through etils.epath's fsspec/gcsfs backend, the one ponder tests
-    # (against a local emulator), not TensorFlow's GCS filesystem, which it would pick otherwise.
-    os.environ.setdefault("EPATH_USE_TF", "false")
+    use_object_storage_defaults()  # how gs:// run directories are reached (configs.fileio)
     devices = _devices_before_command(argv)
     if devices is not None:
         simulate_cpu_devices(devices)
