@@ -169,29 +169,33 @@ def _kill_host(run_dir, host: int) -> None:
     raise AssertionError(f"no process of host {host} found")
 
 
-def _run(command: list[str], hosts: int) -> str:
+def _run(command: list[str], hosts: int, env=None) -> str:
     """`ponder COMMAND` on one process of 8 devices, or on `hosts` processes of 8 / hosts devices; its output."""
     if hosts == 1:
         argv = [sys.executable, "-m", "tools.cli", "--devices", "8", *command]
     else:
         argv = [sys.executable, "-m", "tools.cli", "launch", "local", "--hosts", str(hosts), "--devices-per-host",
                 str(8 // hosts), "--", "ponder", *command]
-    return finish(subprocess.Popen(argv, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return finish(subprocess.Popen(argv, cwd=ROOT, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True))
 
 
-def test_search_on_two_processes_writes_what_one_process_writes_once(trained_tiny_policy, tmp_path):
-    """Beam search over 12 problems (2 batches) split over 2 hosts: the same answers, chains and tokens."""
+def test_search_on_two_processes_writes_what_one_process_writes_once(trained_tiny_policy, tmp_path, gcs_emulator):
+    """Beam search over 12 problems (2 batches) split over 2 hosts: the same answers, chains and tokens.
+
+    The 2-process run writes its results.jsonl to a bucket (a local GCS emulator)."""
+    from etils import epath
+
     _, policy_dir = trained_tiny_policy
     problems = tmp_path / "problems.jsonl"
     _run(["data", "export", "--task", "arithmetic", "--difficulty", "1", "--split", "test", "--num", "12",
           "--out", str(problems)], hosts=1)
     results = {}
     for hosts in (1, 2):
-        out = tmp_path / f"results-{hosts}.jsonl"
+        out = tmp_path / "results-1.jsonl" if hosts == 1 else epath.Path(f"gs://{gcs_emulator.bucket}/results.jsonl")
         log = _run(["search", "--checkpoint", str(policy_dir), "--problems", str(problems), "--out", str(out),
                     "--no-progress", "search.strategy=beam", "search.n=2", "search.m=2", "search.batch_size=8"],
-                   hosts)
+                   hosts, env=gcs_emulator.env)
         assert log.count("  accuracy: ") == 1, log[-3000:]  # the summary is printed once
         results[hosts] = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["line"] for r in results[2]] == list(range(1, 13))  # file order, each problem once
@@ -202,22 +206,27 @@ def test_search_on_two_processes_writes_what_one_process_writes_once(trained_tin
     assert len({r["chain"] for r in results[1]}) > 6
 
 
-def test_three_grpo_steps_on_two_processes_equal_one_process(trained_tiny_policy, tmp_path):
+def test_three_grpo_steps_on_two_processes_equal_one_process(trained_tiny_policy, tmp_path, gcs_emulator):
+    """The same rewards, losses and rollouts; the 2-process run's directory is in a bucket (a local GCS emulator)."""
+    from etils import epath
+
     _, policy_dir = trained_tiny_policy
     metrics, rollouts = {}, {}
     for hosts in (1, 2):
-        run_dir = tmp_path / f"rl-{hosts}"
+        run_dir = tmp_path / "rl-1" if hosts == 1 else epath.Path(f"gs://{gcs_emulator.bucket}/rl")
         _run(["rl", "--no-progress", "--config", "configs/experiments/rl_tiny.yaml", f"rl.init_from={policy_dir}",
               f"rl.run_dir={run_dir}", "rl.steps=3", "rl.eval_every=0", "rl.log_every=1", "rl.prompts_per_step=4",
-              "rl.group_size=4", "rl.max_new_tokens=32", "rl.format_reward=1.0", "rl.checkpoint_every=3"], hosts)
+              "rl.group_size=4", "rl.max_new_tokens=32", "rl.format_reward=1.0", "rl.checkpoint_every=3"],
+             hosts, env=gcs_emulator.env)
         metrics[hosts] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         rollouts[hosts] = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
     assert rollouts[1] == rollouts[2]  # the same prompts, samples and rewards, each step written once
     assert [m["step"] for m in metrics[2]] == [1, 2, 3]
     for one, two in zip(metrics[1], metrics[2], strict=True):
-        for key in ("reward_mean", "loss", "kl", "correct", "completion_length"):
-            if key in one:
-                assert two[key] == pytest.approx(one[key], abs=1e-5), key
-        # a norm over every gradient, summed in another order across 2 processes' all-reduce
-        assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+        for key in ("reward_mean", "correct", "completion_length"):  # from the same rollouts: exact
+            assert two[key] == one[key], key
+        # float32 sums over 2 processes' all-reduce run in another order than on one: after 3
+        # optimizer steps the learner's numbers agree to ~2e-5 relative, not bit for bit
+        for key in ("loss", "kl", "grad_norm"):
+            assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
     assert any(m["reward_mean"] > 0 for m in metrics[1])
