@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import pytest
 from etils import epath
 
@@ -71,3 +72,25 @@ def test_a_shard_position_round_trips_through_a_bucket_and_a_cut_upload_reads_as
     save_host_state(other, 0, 4, {"batches_read": 1})
     with pytest.raises(DataStateError, match="saved as 4 data shards but this run reads 2"):
         load_host_state(other, 0, 2)
+
+
+def test_a_bucket_checkpoint_step_without_its_commit_file_is_removed_when_the_directory_opens(gcs_emulator):
+    """Orbax writes a step in place on a bucket and marks it with commit_success.txt last."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from train.checkpoint import Checkpoints
+
+    directory = epath.Path(f"gs://{gcs_emulator.bucket}/fileio/checkpoints")
+    state = {"w": jnp.arange(4.0)}
+    with Checkpoints(directory, save_every=1, keep=3) as checkpoints:
+        checkpoints.save(1, state)
+    (directory / "2" / "state").mkdir(parents=True)
+    (directory / "2" / "state" / "_METADATA").write_text("{")  # a save killed half-way
+    with pytest.warns(UserWarning, match="never finished"):
+        checkpoints = Checkpoints(directory, save_every=1, keep=3)
+    assert sorted(p.name for p in directory.iterdir()) == ["1"]
+    step, restored = checkpoints.restore({"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
+    checkpoints.close()
+    assert step == 1
+    np.testing.assert_array_equal(restored["w"], np.arange(4.0))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -231,7 +232,7 @@ class Checkpoints:
             for path in sorted(self.directory.iterdir()) if self.directory.exists() else []:
                 unfinished = UNFINISHED_STEP.match(path.name) or (
                     remote and path.name.isdigit() and not (path / COMMIT_FILE).exists())
-                if unfinished and path.is_dir() and not path.is_symlink():
+                if unfinished and path.is_dir() and not os.path.islink(path):
                     path.rmtree()
                     warnings.warn(f"removed {path}: a save that never finished (the run stopped mid-save)",
                                   stacklevel=3)
