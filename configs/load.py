@@ -26,7 +26,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -38,6 +38,7 @@ CONFIG_DIR = Path(__file__).resolve().parent
 DEFAULT_CONFIG = CONFIG_DIR / "base.yaml"
 
 KeyPath = tuple[Any, ...]
+M = TypeVar("M", bound=BaseModel)
 Sources = dict[KeyPath, str]  # key path -> who set it; insertion order = order applied
 
 
@@ -47,13 +48,22 @@ class ConfigError(ValueError):
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Reads `path` (None: configs/base.yaml) with its bases, applies `overrides`, validates."""
-    top = resolve_path(path)
+    return load_model(Config, resolve_path(path), overrides, Config().model_dump(mode="json"))
+
+
+def load_model(model: type[M], path: Path, overrides: Sequence[str] = (), defaults: dict | None = None) -> M:
+    """`model` (a schema class) from the YAML file `path`, its bases and `overrides`, merged over `defaults`.
+
+    The same merge, override syntax and error messages as a ponder config: launch specs
+    (configs/launch_spec.py) load this way too.
+    """
     sources: Sources = {}
     # Merging over the defaults (not {}) keeps a partial `logical_axis_rules:` from dropping the other rules.
-    data = _apply_file(Config().model_dump(mode="json"), top, stack=[], applied=set(), sources=sources)
+    data = _apply_file(defaults or {}, path, stack=[], applied=set(), sources=sources)
     for override in overrides:
         data = _merge(data, _parse_override(override), f"command-line override `{override}`", sources)
-    return _validate(data, sources, str(top), f"invalid config {top}")
+    what = "config" if model is Config else (model.__doc__ or model.__name__).split(":")[0].lower()
+    return _validate(data, sources, str(path), f"invalid {what} {path}", model)
 
 
 def with_overrides(cfg: Config, overrides: Sequence[str], source: str) -> Config:
@@ -65,12 +75,12 @@ def with_overrides(cfg: Config, overrides: Sequence[str], source: str) -> Config
     return _validate(data, sources, source, f"invalid config after {source}")
 
 
-def _validate(data: dict, sources: Sources, default_source: str, heading: str) -> Config:
-    """The Config of `data`, or a ConfigError: `heading`, then one line per problem naming who set the key."""
+def _validate(data: dict, sources: Sources, default_source: str, heading: str, model: type[M] = Config) -> M:
+    """The `model` of `data`, or a ConfigError: `heading`, then one line per problem naming who set the key."""
     try:
-        return Config.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as err:
-        lines = _describe_errors(err, data, sources, default_source=default_source)
+        lines = _describe_errors(err, data, sources, default_source, model)
         raise ConfigError(f"{heading}:\n" + "\n".join(f"  {line}" for line in lines)) from None
 
 
@@ -187,7 +197,8 @@ def _parse_override(override: str) -> dict:
     return value
 
 
-def _describe_errors(err: ValidationError, data: dict, sources: Sources, default_source: str) -> list[str]:
+def _describe_errors(err: ValidationError, data: dict, sources: Sources, default_source: str,
+                     model: type[BaseModel] = Config) -> list[str]:
     """One line `<source>: <key>: <message>` per distinct problem in `err`."""
     # A union (a rule is an axis, a list of axes or null) fails once per branch: one line per key.
     grouped: dict[tuple[str, str], tuple[list[str], str]] = {}
@@ -196,7 +207,7 @@ def _describe_errors(err: ValidationError, data: dict, sources: Sources, default
         dotted = ".".join(str(p) for p in path) or "<top level>"
         got = ""
         if e["type"] == "extra_forbidden":
-            message = "unknown key; " + _suggest(path)
+            message = "unknown key; " + _suggest(path, model)
         elif e["type"] in ("value_error", "assertion_error"):
             message = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
         else:
@@ -232,9 +243,9 @@ def _source_of(path: KeyPath, sources: Sources, default: str) -> str:
     return default
 
 
-def _suggest(path: KeyPath) -> str:
+def _suggest(path: KeyPath, model: type[BaseModel] = Config) -> str:
     """`did you mean ...?` for an unknown key at `path`, else the valid keys of its section."""
-    section: type[BaseModel] = Config
+    section: type[BaseModel] = model
     for part in path[:-1]:
         field = section.model_fields.get(str(part))
         annotation = field.annotation if field else None

@@ -54,7 +54,7 @@ class TpuShape:
 
 
 def tpu_shape(name: str) -> TpuShape:
-    """The shape of accelerator type `name` (`v4-32`, `v5litepod-16`, `v5p-128`, `v6e-8`); AcceleratorError if unknown."""
+    """The shape of accelerator type `name` (`v4-32`, `v5litepod-16`, `v5p-128`); AcceleratorError if unknown."""
     match = re.fullmatch(r"(v4|v5p|v5litepod|v6e)-(\d+)", name)
     known = ", ".join(f"{g.prefix}-{{{','.join(map(str, g.sizes))}}}" for g in GENERATIONS.values())
     if not match or int(match.group(2)) not in GENERATIONS[match.group(1)].sizes:
