@@ -42,6 +42,7 @@ class XpkSpec(Strict):
     """xpk's own settings: the GKE cluster the workload runs in."""
 
     cluster: str | None = None
+    reservation: str | None = None  # capacity=reserved: the reservation's name
 
 
 class LaunchSpec(Strict):

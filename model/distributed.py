@@ -21,7 +21,6 @@ import socket
 import sys
 import threading
 import time
-import zlib
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 
@@ -115,25 +114,56 @@ def join_job(spec: JobSpec) -> None:
 
 
 def check_agreement(spec: JobSpec) -> None:
-    """Every process declared the same count and runs the same devices per host and versions; else DistributedError."""
+    """Every process declared the same count and runs the same devices per host and versions; else DistributedError.
+
+    The versions compared: python, jax, jaxlib, libtpu (when installed) and ponder. A
+    difference names both processes and both values.
+    """
     import jax
     import numpy as np
     from jax.experimental import multihost_utils
 
     declared = spec.num_processes if spec.num_processes is not None else jax.process_count()
-    mine = {"number of processes": declared, "devices per host": jax.local_device_count(),
-            "jax": _crc(jax.__version__), "ponder": _crc(_ponder_version())}
-    everyone = np.asarray(multihost_utils.process_allgather(np.asarray(list(mine.values()), np.int64)))
+    counts = {"number of processes": declared, "devices per host": jax.local_device_count()}
+    versions = installed_versions()
+    mine = np.concatenate([np.asarray(list(counts.values()), np.int64)] +
+                          [np.frombuffer(v.encode()[:VERSION_BYTES].ljust(VERSION_BYTES), np.uint8).astype(np.int64)
+                           for v in versions.values()])
+    everyone = np.asarray(multihost_utils.process_allgather(mine))
     if declared != jax.process_count():
         raise DistributedError(f"this process was started with --num-processes {declared} but the job has "
                                f"{jax.process_count()} processes: start every process with the same count")
-    for column, name in enumerate(mine):
+    for column, name in enumerate(counts):
         values = everyone[:, column]
         if (values != values[0]).any():
             odd = int(np.flatnonzero(values != values[0])[0])
-            detail = (f"{int(values[0])} on process 0, {int(values[odd])} on process {odd}" if column < 2
-                      else f"process {odd} runs another {name} version than process 0")
-            raise DistributedError(f"the processes of this job disagree on {name}: {detail}")
+            raise DistributedError(f"the processes of this job disagree on {name}: {int(values[0])} on "
+                                   f"process 0, {int(values[odd])} on process {odd}")
+    for k, name in enumerate(versions):
+        start = len(counts) + k * VERSION_BYTES
+        rows = [bytes(row[start:start + VERSION_BYTES].astype(np.uint8)).decode(errors="replace").strip()
+                for row in everyone]
+        odd = next((i for i, row in enumerate(rows) if row != rows[0]), None)
+        if odd is not None:
+            raise DistributedError(f"the processes of this job run different {name} versions: {rows[0]} on "
+                                   f"process 0, {rows[odd]} on process {odd}: install the same on every host")
+
+
+VERSION_BYTES = 32  # of each version string compared across processes
+
+
+def installed_versions() -> dict[str, str]:
+    """The versions every process of a job must share: python, jax, jaxlib, libtpu (or `none`), ponder."""
+    import platform
+
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "none"
+
+    return {"python": platform.python_version(), "jax": of("jax"), "jaxlib": of("jaxlib"), "libtpu": of("libtpu"),
+            "ponder": _ponder_version()}
 
 
 def check_shared_directory(directory: str | os.PathLike) -> None:
@@ -227,10 +257,6 @@ def _integer(value, name: str) -> int:
         return int(value)
     except (TypeError, ValueError):
         raise DistributedError(f"the {name} must be an integer, got {value!r}") from None
-
-
-def _crc(text: str) -> int:
-    return zlib.crc32(text.encode())
 
 
 def _ponder_version() -> str:

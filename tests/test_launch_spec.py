@@ -1,5 +1,10 @@
 """Launch specs (configs/launch/*.yaml) and TPU shapes: what a pod job asks for, checked before anything runs."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from configs.launch_spec import LAUNCH_DIR, load_launch_spec
@@ -50,3 +55,59 @@ def test_one_host_may_keep_its_run_directory_on_its_own_disk(tmp_path):
     assert spec.run_dir == str(tmp_path)
     with pytest.raises(ConfigError, match="launch spec not found: nothing.yaml"):
         load_launch_spec("nothing.yaml")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+GOLDEN = ROOT / "tests" / "golden" / "launch"
+GOLDEN_CASES = [("tpu-vm", "v5litepod-8"), ("tpu-vm", "v4-32"), ("queued", "v5p-128-x2-spot"), ("xpk", "xpk-v5p-256")]
+
+
+@pytest.mark.parametrize("backend, spec", GOLDEN_CASES)
+def test_dry_run_prints_exactly_the_checked_in_commands(backend, spec):
+    """`ponder launch BACKEND SPEC --dry-run` against tests/golden/launch/BACKEND-SPEC.txt: a changed flag or
+    quote fails. After an intended change: UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_launch_spec.py -k golden"""
+    out = subprocess.run([sys.executable, "-m", "tools.cli", "launch", backend, spec, "--dry-run",
+                          "--sha", "0123456789ab"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    golden = GOLDEN / f"{backend}-{spec}.txt"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.parent.mkdir(parents=True, exist_ok=True)
+        golden.write_text(out.stdout)
+    assert out.stdout == golden.read_text()
+
+
+@pytest.mark.parametrize("backend, overrides, message", [
+    ("tpu-vm", ["slices=2"], "slices: 2 slices need queued resources"),
+    ("tpu-vm", ["capacity=best-effort"], "capacity: best-effort needs queued resources"),
+    ("queued", ["code.kind=image", "code.image=gcr.io/p/i"], "code.kind: queued copies a tarball or wheel"),
+    ("xpk", ["command=[generate]"], "command: a pod job runs `ponder train` or `ponder rl`"),
+    ("tpu-vm", ["accelerator=v4-31"], "accelerator: unknown accelerator type 'v4-31'"),
+])
+def test_a_spec_a_backend_cannot_run_stops_naming_the_key(backend, overrides, message):
+    spec = "xpk-v5p-256" if backend == "xpk" else "v4-32"
+    out = subprocess.run([sys.executable, "-m", "tools.cli", "launch", backend, spec, *overrides, "--dry-run",
+                          "--sha", "0123456789ab"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-3000:]
+    assert out.stdout == ""  # nothing printed as if it would run
+
+
+def test_preflight_kills_what_holds_the_tpu_and_removes_the_lock_file(tmp_path):
+    """A fake /proc in which a real process (`sleep`) holds /dev/accel0 open, and a libtpu lock file."""
+    from train.launch.preflight import free_tpu
+
+    holder = subprocess.Popen(["sleep", "60"])
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        for pid, target in ((holder.pid, "/dev/accel0"), (bystander.pid, "/dev/null")):
+            (tmp_path / "proc" / str(pid) / "fd").mkdir(parents=True)
+            (tmp_path / "proc" / str(pid) / "fd" / "3").symlink_to(target)
+        (tmp_path / "proc" / "self").mkdir()
+        lockfile = tmp_path / "libtpu_lockfile"
+        lockfile.write_text("")
+        done = free_tpu(tmp_path / "proc", lockfile)
+        assert done == [f"killed process {holder.pid}, which held /dev/accel0", f"removed {lockfile}"]
+        assert holder.wait(timeout=10) == -9 and bystander.poll() is None and not lockfile.exists()
+    finally:
+        for process in (holder, bystander):
+            process.kill()
+            process.wait()

@@ -34,6 +34,76 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     local.add_argument("job_command", nargs=argparse.REMAINDER, metavar="-- COMMAND...",
                        help="what every host runs")
     local.set_defaults(func=run_local)
+    for backend, text in POD_BACKENDS.items():
+        pod = backends.add_parser(backend, help=text, description=f"{text}. {POD_DESCRIPTION}",
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        pod.add_argument("spec", help="a launch spec: a YAML path, or a name under configs/launch/ (e.g. v4-32)")
+        pod.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                         help="overrides of the spec, e.g. zone=us-east5-a")
+        pod.add_argument("--dry-run", action="store_true",
+                         help="print every command and generated file in order; run and change nothing")
+        pod.add_argument("--sha", default=None, help="the commit whose code runs (default: git rev-parse HEAD)")
+        pod.set_defaults(func=run_pod)
+    preflight = backends.add_parser("preflight", help="on a TPU worker: free the TPU, compare versions, count devices",
+                                    description=_preflight_doc())
+    preflight.add_argument("--devices", type=int, required=True, help="devices the job must see (all slices)")
+    preflight.set_defaults(func=run_preflight)
+
+
+POD_BACKENDS = {
+    "tpu-vm": "a TPU VM (created unless it exists): copy the code, run on every worker",
+    "queued": "queued resources (one or several slices, spot/reserved/best-effort): wait until ACTIVE, run, delete",
+    "xpk": "an xpk workload on a GKE cluster (a container image)",
+}
+POD_DESCRIPTION = """The job is described by a launch spec (configs/launch/*.yaml, key=value overrides).
+Only --dry-run is built so far: it prints every command and generated file of the launch."""
+
+
+def _preflight_doc() -> str:
+    from train.launch import preflight
+
+    return preflight.__doc__
+
+
+def run_pod(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from configs.launch_spec import load_launch_spec
+    from train.launch.pod import PLANS, LaunchError, render
+
+    spec = load_launch_spec(args.spec, args.overrides)  # ConfigError: the CLI names file and key
+    sha = args.sha or subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                                     check=True).stdout.strip()
+    try:
+        plan = PLANS[args.backend](spec, sha)
+    except LaunchError as err:
+        print(f"ponder launch {args.backend}: error: {err}", file=sys.stderr)
+        return 2
+    if not args.dry_run:
+        print(f"ponder launch {args.backend}: only --dry-run is built so far", file=sys.stderr)
+        return 2
+    sys.stdout.write(render(plan))
+    return 0
+
+
+def run_preflight(args: argparse.Namespace) -> int:
+    from model import distributed
+    from train.launch.preflight import PreflightError, check_devices, free_tpu
+
+    for done in free_tpu():
+        print(f"ponder launch preflight: {done}", flush=True)
+    spec = distributed.job_spec(None, None, None)
+    if spec is not None:
+        distributed.join_job(spec)  # compares counts and versions
+    try:
+        check_devices(args.devices)
+    except PreflightError as err:
+        print(f"ponder launch preflight: error: {err}", file=sys.stderr)
+        return 2
+    import jax
+
+    print(f"ponder launch preflight: worker {jax.process_index()} ready ({jax.device_count()} devices)")
+    return 0
 
 
 def run_local(args: argparse.Namespace) -> int:
