@@ -43,6 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         pod.add_argument("--dry-run", action="store_true",
                          help="print every command and generated file in order; run and change nothing")
         pod.add_argument("--sha", default=None, help="the commit whose code runs (default: git rev-parse HEAD)")
+        pod.add_argument("--poll-seconds", type=float, default=30.0,
+                         help="how often a queued resource's state is read while waiting (default 30)")
         pod.set_defaults(func=run_pod)
     preflight = backends.add_parser("preflight", help="on a TPU worker: free the TPU, compare versions, count devices",
                                     description=_preflight_doc())
@@ -56,7 +58,12 @@ POD_BACKENDS = {
     "xpk": "an xpk workload on a GKE cluster (a container image)",
 }
 POD_DESCRIPTION = """The job is described by a launch spec (configs/launch/*.yaml, key=value overrides).
-Only --dry-run is built so far: it prints every command and generated file of the launch."""
+--dry-run prints every command and generated file of the launch, in order, and runs nothing.
+Without it the launcher builds the commit's code once, creates the TPUs (or waits for a queued
+resource), copies the code, runs every worker under one supervisor ([slice s worker w] lines,
+logs in RUN_DIR/logs/), recreates and relaunches a preempted job up to max_restarts times (the
+trainer resumes from its newest checkpoint), deletes what it created when asked, and ends with
+a summary."""
 
 
 def _preflight_doc() -> str:
@@ -79,11 +86,14 @@ def run_pod(args: argparse.Namespace) -> int:
     except LaunchError as err:
         print(f"ponder launch {args.backend}: error: {err}", file=sys.stderr)
         return 2
-    if not args.dry_run:
-        print(f"ponder launch {args.backend}: only --dry-run is built so far", file=sys.stderr)
-        return 2
-    sys.stdout.write(render(plan))
-    return 0
+    if args.dry_run:
+        sys.stdout.write(render(plan))
+        return 0
+    from train.launch.pod_job import PodJob
+
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    return PodJob(spec, args.backend, sha, root=root, poll_s=args.poll_seconds).run()
 
 
 def run_preflight(args: argparse.Namespace) -> int:

@@ -36,6 +36,7 @@ class Step:
     argv: tuple[str, ...] | None = None
     file: tuple[str, str] | None = None
     worker: tuple[int, int] | None = None  # (slice, worker) this command runs on, for the job's own commands
+    phase: str = ""  # what the launcher does with it: build, file, exists, create, wait, copy, run, delete
 
 
 def render(plan: list[Step]) -> str:
@@ -99,7 +100,7 @@ def build_step(spec: LaunchSpec, sha: str) -> Step:
         argv = ("git", "archive", "--format=tar.gz", f"--prefix=ponder-{sha}/", "-o", artifact(spec, sha), sha)
     else:
         argv = ("python3", "-m", "pip", "wheel", "--no-deps", "--wheel-dir", artifact(spec, sha), ".")
-    return Step(f"build the code of commit {sha} once (kept for every retry)", argv=argv)
+    return Step(f"build the code of commit {sha} once (kept for every retry)", argv=argv, phase="build")
 
 
 def worker_script(spec: LaunchSpec, sha: str, shape: TpuShape) -> Step:
@@ -115,7 +116,7 @@ def worker_script(spec: LaunchSpec, sha: str, shape: TpuShape) -> Step:
     lines += [shlex.join(["python3", "-m", "tools.cli", "launch", "preflight",
                           "--devices", str(shape.devices * spec.slices)]),
               "exec " + shlex.join(job_argv(spec, installed=spec.code.kind == "wheel"))]
-    return Step("the script every worker runs", file=(script_path(spec), "\n".join(lines) + "\n"))
+    return Step("the script every worker runs", file=(script_path(spec), "\n".join(lines) + "\n"), phase="file")
 
 
 def script_path(spec: LaunchSpec) -> str:
@@ -136,11 +137,11 @@ def _copy_and_run(spec: LaunchSpec, sha: str, shape: TpuShape, nodes: list[str])
     recurse = ["--recurse"] if spec.code.kind == "wheel" else []
     gcloud = ["gcloud", "compute", "tpus", "tpu-vm"]
     steps = [Step(f"copy the code and the worker script to every worker of {node}",
-                  argv=(*gcloud, "scp", *recurse, *files, f"{node}:", "--worker=all", *_where(spec)))
+                  argv=(*gcloud, "scp", *recurse, *files, f"{node}:", "--worker=all", *_where(spec)), phase="copy")
              for node in nodes]
     script = f"bash ~/{script_path(spec).rsplit('/', 1)[1]}"
     for s, node in enumerate(nodes):
-        steps += [Step(f"run the job on slice {s} worker {w}", worker=(s, w),
+        steps += [Step(f"run the job on slice {s} worker {w}", worker=(s, w), phase="run",
                        argv=(*gcloud, "ssh", node, f"--worker={w}", *_where(spec), f"--command={script}"))
                   for w in range(shape.hosts)]
     return steps
@@ -153,13 +154,13 @@ def tpu_vm_plan(spec: LaunchSpec, sha: str) -> list[Step]:
     capacity = {"spot": ["--spot"], "reserved": ["--reserved"]}.get(spec.capacity, [])
     plan = [build_step(spec, sha), worker_script(spec, sha, shape),
             Step(f"does the TPU VM {spec.name} exist? (its state, or an error)",
-                 argv=(*gcloud, "describe", spec.name, *_where(spec), "--format=value(state)")),
+                 argv=(*gcloud, "describe", spec.name, *_where(spec), "--format=value(state)"), phase="exists"),
             Step(f"create it (only when it does not): {spec.accelerator}, {shape.hosts} host(s)",
                  argv=(*gcloud, "create", spec.name, *_where(spec), f"--accelerator-type={spec.accelerator}",
-                       f"--version={_runtime(spec, shape)}", *capacity)),
+                       f"--version={_runtime(spec, shape)}", *capacity), phase="create"),
             *_copy_and_run(spec, sha, shape, [spec.name])]
     if spec.delete_at_end:
-        plan.append(Step("delete the TPU VM", argv=(*gcloud, "delete", spec.name, *_where(spec), "--quiet")))
+        plan.append(delete_step(spec, "tpu-vm"))
     return plan
 
 
@@ -178,13 +179,12 @@ def queued_plan(spec: LaunchSpec, sha: str) -> list[Step]:
     plan = [build_step(spec, sha), worker_script(spec, sha, shape),
             Step(f"request {spec.slices} x {spec.accelerator} ({spec.capacity})",
                  argv=(*queued, "create", spec.name, *_where(spec), f"--accelerator-type={spec.accelerator}",
-                       f"--runtime-version={_runtime(spec, shape)}", *nodes, *capacity)),
+                       f"--runtime-version={_runtime(spec, shape)}", *nodes, *capacity), phase="create"),
             Step("poll until ACTIVE (WAITING_FOR_RESOURCES, PROVISIONING; FAILED or SUSPENDED end the wait)",
-                 argv=(*queued, "describe", spec.name, *_where(spec), "--format=value(state.state)")),
+                 argv=(*queued, "describe", spec.name, *_where(spec), "--format=value(state.state)"), phase="wait"),
             *_copy_and_run(spec, sha, shape, queued_nodes(spec))]
     if spec.delete_at_end is not False:
-        plan.append(Step("delete the queued resource and its TPUs",
-                         argv=(*queued, "delete", spec.name, *_where(spec), "--force", "--quiet")))
+        plan.append(delete_step(spec, "queued"))
     return plan
 
 
@@ -202,12 +202,24 @@ def xpk_plan(spec: LaunchSpec, sha: str) -> list[Step]:
                        f"--tpu-type={spec.accelerator}", f"--num-slices={spec.slices}",
                        f"--docker-image={spec.code.image}", f"--command={command}",
                        f"--max-restarts={spec.max_restarts}", *capacity, *where,
-                       *[f"--env={k}={v}" for k, v in sorted(spec.env.items())]))]
+                       *[f"--env={k}={v}" for k, v in sorted(spec.env.items())]), phase="create")]
     if spec.delete_at_end is not False:
-        plan.append(Step("delete the workload when it has ended",
-                         argv=("xpk", "workload", "delete", f"--cluster={spec.xpk.cluster}",
-                               f"--workload={spec.name}", *where)))
+        plan.append(delete_step(spec, "xpk"))
     return plan
+
+
+def delete_step(spec: LaunchSpec, backend: str) -> Step:
+    """Removes what the launch created: at the end (see delete_at_end), and before recreating preempted TPUs."""
+    if backend == "tpu-vm":
+        return Step("delete the TPU VM", phase="delete",
+                    argv=("gcloud", "compute", "tpus", "tpu-vm", "delete", spec.name, *_where(spec), "--quiet"))
+    if backend == "queued":
+        return Step("delete the queued resource and its TPUs", phase="delete",
+                    argv=("gcloud", "compute", "tpus", "queued-resources", "delete", spec.name, *_where(spec),
+                          "--force", "--quiet"))
+    where = [f"--project={spec.project}"] * bool(spec.project) + [f"--zone={spec.zone}"] * bool(spec.zone)
+    return Step("delete the workload when it has ended", phase="delete",
+                argv=("xpk", "workload", "delete", f"--cluster={spec.xpk.cluster}", f"--workload={spec.name}", *where))
 
 
 PLANS = {"tpu-vm": tpu_vm_plan, "queued": queued_plan, "xpk": xpk_plan}

@@ -39,10 +39,11 @@ class Worker:
     index: int
     argv: tuple[str, ...]
     env: dict[str, str]
+    label: str | None = None  # how its lines and log are named (default `host i`; a pod: `slice s worker w`)
 
     @property
     def name(self) -> str:
-        return f"host {self.index}"
+        return self.label or f"host {self.index}"
 
 
 def start_local(worker: Worker) -> subprocess.Popen:
@@ -132,7 +133,8 @@ class Supervisor:
 
     def _relay(self, worker: Worker, process: subprocess.Popen) -> None:
         """Copies the worker's output line by line to `out` (prefixed) and to its log file."""
-        log = open(self.log_dir / f"host-{worker.index}.log", "a", encoding="utf-8") if self.log_dir else None
+        log_file = self.log_dir / f"{worker.name.replace(' ', '-')}.log" if self.log_dir else None
+        log = open(log_file, "a", encoding="utf-8") if log_file else None  # noqa: SIM115 (closed below)
         try:
             for raw in iter(process.stdout.readline, b""):
                 line = raw.decode("utf-8", errors="replace")
@@ -152,7 +154,7 @@ class Supervisor:
     def _upload_logs(self) -> None:
         """Appends each host's log of this job to its copy in the bucket (object storage cannot append)."""
         try:
-            for log in sorted(self.log_dir.glob("host-*.log")):
+            for log in sorted(self.log_dir.glob("*.log")):
                 target = self.log_upload / log.name
                 earlier = target.read_text(encoding="utf-8") if target.exists() else ""
                 write_atomic(target, earlier + log.read_text(encoding="utf-8"))
