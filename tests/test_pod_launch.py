@@ -25,7 +25,8 @@ def launch(backend, spec, overrides, cloud, **fake_env):
     """`ponder launch BACKEND SPEC OVERRIDES` with the fake gcloud; (exit status, output)."""
     cloud.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {
-        "PATH": f"{FAKES}:{os.environ['PATH']}", "FAKE_CLOUD": str(cloud), "JAX_PLATFORMS": "cpu"} | fake_env
+        "PATH": f"{FAKES}:{os.environ['PATH']}", "FAKE_CLOUD": str(cloud), "FAKE_PYTHON": sys.executable,
+        "JAX_PLATFORMS": "cpu"} | fake_env
     done = subprocess.run([sys.executable, "-m", "tools.cli", "launch", backend, spec, *overrides,
                            "--poll-seconds", "0.05"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     return done.returncode, done.stdout + done.stderr
