@@ -98,7 +98,7 @@ def test_a_preflight_finds_the_worker_with_another_libtpu(tmp_path, gcs_emulator
     """v4-16: two workers (4 devices each) that must share a bucket run directory; worker 1 has a libtpu."""
     cloud = tmp_path / "cloud"
     run_dir = f"gs://{gcs_emulator.bucket}/preflight"
-    status, out = launch("tpu-vm", "v4-16", [*overrides_of(run_dir, 4), "name=ponder-v4"], cloud,
+    status, out = launch("tpu-vm", "v4-32", [*overrides_of(run_dir, 4), "accelerator=v4-16"], cloud,
                          FAKE_DEVICES_PER_HOST="4", FAKE_ODD_LIBTPU="1", **gcs_emulator.env)
     assert status == 2, out[-4000:]
     assert "different libtpu versions: none on process 0, 0.0.99 on process 1" in out, out[-4000:]
