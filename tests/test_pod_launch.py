@@ -105,3 +105,15 @@ def test_a_preflight_finds_the_worker_with_another_libtpu(tmp_path, gcs_emulator
     assert "not restarting" in out and "summary: 1 attempt(s), 0 preemption(s)" in out
     assert "ponder train:" not in out  # the job never started
 
+
+
+def test_an_xpk_workload_is_created_waited_for_and_deleted(tmp_path):
+    cloud = tmp_path / "cloud"
+    status, out = launch("xpk", "xpk-v5p-256", ["max_restarts=4"], cloud)
+    assert status == 0, out[-4000:]
+    recorded = calls(cloud)
+    assert [call[1:3] for call in recorded] == [["workload", "create"], ["workload", "list"], ["workload", "delete"]]
+    assert "--max-restarts=4" in recorded[0] and "--wait-for-job-completion=ponder-xpk" in recorded[1]
+    assert "summary: 1 attempt(s), 0 preemption(s)" in out
+    status, out = launch("xpk", "xpk-v5p-256", [], tmp_path / "failing", FAKE_XPK_STATUS="3")
+    assert status == 3 and "the job failed with status 3" in out, out[-3000:]

@@ -36,7 +36,7 @@ class Step:
     argv: tuple[str, ...] | None = None
     file: tuple[str, str] | None = None
     worker: tuple[int, int] | None = None  # (slice, worker) this command runs on, for the job's own commands
-    phase: str = ""  # what the launcher does with it: build, file, exists, create, wait, copy, run, delete
+    phase: str = ""  # what the launcher does with it: build, file, exists, create, wait, copy, run, await, delete
 
 
 def render(plan: list[Step]) -> str:
@@ -202,7 +202,10 @@ def xpk_plan(spec: LaunchSpec, sha: str) -> list[Step]:
                        f"--tpu-type={spec.accelerator}", f"--num-slices={spec.slices}",
                        f"--docker-image={spec.code.image}", f"--command={command}",
                        f"--max-restarts={spec.max_restarts}", *capacity, *where,
-                       *[f"--env={k}={v}" for k, v in sorted(spec.env.items())]), phase="create")]
+                       *[f"--env={k}={v}" for k, v in sorted(spec.env.items())]), phase="create"),
+            Step("wait until the workload ends (xpk restarts it up to max_restarts times); its status is the job's",
+                 argv=("xpk", "workload", "list", f"--cluster={spec.xpk.cluster}",
+                       f"--wait-for-job-completion={spec.name}", *where), phase="await")]
     if spec.delete_at_end is not False:
         plan.append(delete_step(spec, "xpk"))
     return plan

@@ -11,7 +11,9 @@ ends while its TPUs are preempted (TPU VM `PREEMPTED`, queued resource `SUSPENDE
 `FAILED`; the trainer itself exits 0 after saving on SIGTERM), or with RESTARTABLE_STATUS,
 is deleted, recreated and relaunched, at most
 `max_restarts` times; the trainer resumes from the newest checkpoint in the run directory.
-`delete` runs at the end. A summary says attempts, preemptions, wall time and last step.
+An xpk workload is created once and waited for (`await`): xpk itself recreates it after a
+preemption, up to max_restarts times. `delete` runs at the end. A summary says attempts,
+preemptions, wall time and last step.
 """
 from __future__ import annotations
 
@@ -141,7 +143,11 @@ class PodJob:
         runs = self._steps("run")
         workers = [Worker(i, step.argv, dict(_environ()), label=f"slice {step.worker[0]} worker {step.worker[1]}")
                    for i, step in enumerate(runs)]
-        if not workers:  # xpk: the workload runs in the cluster
+        if not workers:  # xpk: the workload runs in the cluster, and its waiting command tells how it ended
+            for step in self._steps("await"):
+                done = self._call(step, check=False)
+                self.out.write(done.stdout)
+                return done.returncode
             return 0
         log_dir = run_path(self.spec.run_dir) / "logs" if self.spec.run_dir else None
         self.say(f"attempt {self.attempts}: {len(workers)} worker(s)")
