@@ -63,7 +63,7 @@ GOLDEN_CASES = [("tpu-vm", "v5litepod-8"), ("tpu-vm", "v4-32"), ("queued", "v5p-
 
 
 @pytest.mark.parametrize("backend, spec", GOLDEN_CASES)
-def test_dry_run_prints_exactly_the_checked_in_commands(backend, spec):
+def test_dry_run_prints_exactly_the_golden_file(backend, spec):
     """`ponder launch BACKEND SPEC --dry-run` against tests/golden/launch/BACKEND-SPEC.txt: a changed flag or
     quote fails. After an intended change: UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_launch_spec.py -k golden"""
     out = subprocess.run([sys.executable, "-m", "tools.cli", "launch", backend, spec, "--dry-run",

@@ -107,13 +107,14 @@ def test_a_preflight_finds_the_worker_with_another_libtpu(tmp_path, gcs_emulator
 
 
 
-def test_an_xpk_workload_is_created_waited_for_and_deleted(tmp_path):
+def test_an_xpk_workload_is_created_waited_for_and_deleted(tmp_path, gcs_emulator):
+    """The spec's bucket is looked up (for the summary's last step) in the emulator, where it does not exist."""
     cloud = tmp_path / "cloud"
-    status, out = launch("xpk", "xpk-v5p-256", ["max_restarts=4"], cloud)
+    status, out = launch("xpk", "xpk-v5p-256", ["max_restarts=4"], cloud, **gcs_emulator.env)
     assert status == 0, out[-4000:]
     recorded = calls(cloud)
     assert [call[1:3] for call in recorded] == [["workload", "create"], ["workload", "list"], ["workload", "delete"]]
     assert "--max-restarts=4" in recorded[0] and "--wait-for-job-completion=ponder-xpk" in recorded[1]
     assert "summary: 1 attempt(s), 0 preemption(s)" in out
-    status, out = launch("xpk", "xpk-v5p-256", [], tmp_path / "failing", FAKE_XPK_STATUS="3")
+    status, out = launch("xpk", "xpk-v5p-256", [], tmp_path / "failing", FAKE_XPK_STATUS="3", **gcs_emulator.env)
     assert status == 3 and "the job failed with status 3" in out, out[-3000:]
