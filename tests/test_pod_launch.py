@@ -118,3 +118,21 @@ def test_an_xpk_workload_is_created_waited_for_and_deleted(tmp_path, gcs_emulato
     assert "summary: 1 attempt(s), 0 preemption(s)" in out
     status, out = launch("xpk", "xpk-v5p-256", [], tmp_path / "failing", FAKE_XPK_STATUS="3", **gcs_emulator.env)
     assert status == 3 and "the job failed with status 3" in out, out[-3000:]
+
+
+def test_two_queued_slices_run_as_one_job_with_the_slices_on_dcn_data(tmp_path, gcs_emulator):
+    """2 x v5litepod-8 (node prefix, one host each) against the emulator's bucket: the workers of both slices
+    join one job of 16 devices; on CPU, which has no slices, mesh.dcn_data=2 is ignored with a warning."""
+    cloud = tmp_path / "cloud"
+    run_dir = f"gs://{gcs_emulator.bucket}/two-slices"
+    overrides = [*TRAIN, f"run_dir={run_dir}", "slices=2", "name=ponder-two",
+                 "overrides=[train.steps=2, train.eval_every=0, data.shards=2]"]
+    status, out = launch("queued", "v5litepod-8", overrides, cloud, FAKE_DEVICES_PER_HOST="8", **gcs_emulator.env)
+    assert status == 0, out[-4000:]
+    recorded = calls(cloud)
+    assert "--node-count=2" in recorded[0] and "--node-prefix=ponder-two" in recorded[0]
+    ssh = [call for call in recorded if call[3:5] == ["tpu-vm", "ssh"]]
+    assert sorted(call[5] for call in ssh) == ["ponder-two-0", "ponder-two-1"]
+    assert "[slice 1 worker 0] ponder launch preflight: worker 1 ready (16 devices)" in out
+    assert "mesh.dcn_data=2 ignored: all devices are on one slice" in out
+    assert "[slice 0 worker 0] ponder train: accuracy=" in out
