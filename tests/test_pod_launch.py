@@ -126,7 +126,7 @@ def test_two_queued_slices_run_as_one_job_with_the_slices_on_dcn_data(tmp_path, 
     cloud = tmp_path / "cloud"
     run_dir = f"gs://{gcs_emulator.bucket}/two-slices"
     overrides = [*TRAIN, f"run_dir={run_dir}", "slices=2", "name=ponder-two",
-                 "overrides=[train.steps=2, train.eval_every=0, data.shards=2]"]
+                 "overrides=[train.steps=2, train.eval_every=0, data.shards=2, data.batch_size=16]"]
     status, out = launch("queued", "v5litepod-8", overrides, cloud, FAKE_DEVICES_PER_HOST="8", **gcs_emulator.env)
     assert status == 0, out[-4000:]
     recorded = calls(cloud)
