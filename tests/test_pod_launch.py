@@ -40,21 +40,6 @@ def overrides_of(run_dir, steps, *more):
     return [*TRAIN, f"run_dir={run_dir}", f"overrides=[train.steps={steps}, {', '.join(STEPS)}]", *more]
 
 
-def test_a_queued_resource_is_waited_for_run_on_and_deleted(tmp_path):
-    run_dir, cloud = tmp_path / "run", tmp_path / "cloud"
-    status, out = launch("queued", "v5litepod-8", overrides_of(run_dir, 4), cloud, FAKE_DEVICES_PER_HOST="8",
-                         FAKE_QUEUED_STATES="WAITING_FOR_RESOURCES,WAITING_FOR_RESOURCES,PROVISIONING,ACTIVE")
-    assert status == 0, out[-4000:]
-    verbs = [" ".join(call[3:5]) for call in calls(cloud)]
-    assert verbs == ["queued-resources create", *["queued-resources describe"] * 4, "tpu-vm scp", "tpu-vm ssh",
-                     "queued-resources describe", "queued-resources delete"], verbs
-    assert "[slice 0 worker 0] ponder launch preflight: worker 0 ready (8 devices)" in out
-    assert "[slice 0 worker 0] ponder train: accuracy=" in out
-    assert "summary: 1 attempt(s), 0 preemption(s)" in out and "last checkpoint step 4" in out
-    assert "ponder train:" in (run_dir / "logs" / "slice-0-worker-0.log").read_text()
-    assert not (cloud / "queued-ponder-v5e-8.json").exists()  # deleted at the end
-
-
 def test_a_preempted_tpu_vm_is_recreated_and_the_run_ends_like_an_uninterrupted_one(tmp_path):
     """Preempted (SIGTERM, state PREEMPTED) once checkpoint 10 exists: deleted, recreated, resumed to step 20."""
     from configs.load import load_config
@@ -120,19 +105,29 @@ def test_an_xpk_workload_is_created_waited_for_and_deleted(tmp_path, gcs_emulato
     assert status == 3 and "the job failed with status 3" in out, out[-3000:]
 
 
-def test_two_queued_slices_run_as_one_job_with_the_slices_on_dcn_data(tmp_path, gcs_emulator):
-    """2 x v5litepod-8 (node prefix, one host each) against the emulator's bucket: the workers of both slices
-    join one job of 16 devices; on CPU, which has no slices, mesh.dcn_data=2 is ignored with a warning."""
+def test_two_queued_slices_are_waited_for_run_as_one_job_and_deleted(tmp_path, gcs_emulator):
+    """2 x v5litepod-8 (node prefix, one host each) against the emulator's bucket: the request waits, then the
+    workers of both slices join one job of 16 devices (on CPU, which has no slices, mesh.dcn_data=2 is ignored
+    with a warning), their logs land in the bucket, and the request is deleted at the end."""
+    from etils import epath
+
     cloud = tmp_path / "cloud"
     run_dir = f"gs://{gcs_emulator.bucket}/two-slices"
     overrides = [*TRAIN, f"run_dir={run_dir}", "slices=2", "name=ponder-two",
                  "overrides=[train.steps=2, train.eval_every=0, data.shards=2, data.batch_size=16]"]
-    status, out = launch("queued", "v5litepod-8", overrides, cloud, FAKE_DEVICES_PER_HOST="8", **gcs_emulator.env)
+    status, out = launch("queued", "v5litepod-8", overrides, cloud, FAKE_DEVICES_PER_HOST="8",
+                         FAKE_QUEUED_STATES="WAITING_FOR_RESOURCES,WAITING_FOR_RESOURCES,PROVISIONING,ACTIVE",
+                         **gcs_emulator.env)
     assert status == 0, out[-4000:]
     recorded = calls(cloud)
+    verbs = [" ".join(call[3:5]) for call in recorded]
+    assert verbs == ["queued-resources create", *["queued-resources describe"] * 4, *["tpu-vm scp"] * 2,
+                     *["tpu-vm ssh"] * 2, "queued-resources describe", "queued-resources delete"], verbs
     assert "--node-count=2" in recorded[0] and "--node-prefix=ponder-two" in recorded[0]
-    ssh = [call for call in recorded if call[3:5] == ["tpu-vm", "ssh"]]
-    assert sorted(call[5] for call in ssh) == ["ponder-two-0", "ponder-two-1"]
+    assert sorted(call[5] for call in recorded if call[3:5] == ["tpu-vm", "ssh"]) == ["ponder-two-0", "ponder-two-1"]
     assert "[slice 1 worker 0] ponder launch preflight: worker 1 ready (16 devices)" in out
     assert "mesh.dcn_data=2 ignored: all devices are on one slice" in out
     assert "[slice 0 worker 0] ponder train: accuracy=" in out
+    assert "summary: 1 attempt(s), 0 preemption(s)" in out and "last checkpoint step 2" in out
+    assert "ponder train:" in epath.Path(f"{run_dir}/logs/slice-0-worker-0.log").read_text()
+    assert not (cloud / "queued-ponder-two.json").exists()  # deleted at the end
