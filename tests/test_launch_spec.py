@@ -111,3 +111,13 @@ def test_preflight_kills_what_holds_the_tpu_and_removes_the_lock_file(tmp_path):
         for process in (holder, bystander):
             process.kill()
             process.wait()
+
+
+def test_a_wheel_is_built_once_copied_whole_and_installed_with_its_packaged_configs():
+    out = subprocess.run([sys.executable, "-m", "tools.cli", "launch", "tpu-vm", "v5litepod-8", "code.kind=wheel",
+                          "--dry-run", "--sha", "0123456789ab"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "$ python3 -m pip wheel --no-deps --wheel-dir build/launch/ponder-0123456789ab .\n" in out.stdout
+    assert "scp --recurse build/launch/ponder-0123456789ab build/launch/ponder-v5e-8-worker.sh" in out.stdout
+    assert 'pip install --quiet --user --force-reinstall "$(ls ponder-0123456789ab/*.whl)[tpu]"' in out.stdout
+    assert "--config experiments/tiny.yaml" in out.stdout  # found among the installed package's configs

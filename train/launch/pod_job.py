@@ -17,6 +17,7 @@ preemptions, wall time and last step.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from typing import IO
 
 from configs.fileio import run_path
 from configs.launch_spec import LaunchSpec
-from train.launch.pod import PLANS, Step, delete_step
+from train.launch.pod import PLANS, Step, artifact, delete_step
 from train.launch.supervisor import Supervisor, Worker
 
 RESTARTABLE_STATUS = 75  # EX_TEMPFAIL: a worker that says its job may simply be run again
@@ -105,12 +106,11 @@ class PodJob:
     def _prepare(self) -> None:
         """Builds the commit's code unless it is already built, and writes the generated files."""
         for step in self._steps("build"):
-            artifact = self.root / step.argv[step.argv.index("-o") + 1] if "-o" in step.argv else \
-                self.root / step.argv[step.argv.index("--wheel-dir") + 1]
-            if artifact.exists():
-                self.say(f"reusing {artifact.relative_to(self.root)} (commit {self.sha})")
+            built = self.root / artifact(self.spec, self.sha)
+            if built.exists():
+                self.say(f"reusing {artifact(self.spec, self.sha)} (commit {self.sha})")
                 continue
-            artifact.parent.mkdir(parents=True, exist_ok=True)
+            built.parent.mkdir(parents=True, exist_ok=True)
             self._call(step)
         for step in self._steps("file"):
             path, text = step.file
@@ -141,7 +141,7 @@ class PodJob:
     def _supervise(self) -> int:
         """Runs every worker's command as one supervised job; its exit status."""
         runs = self._steps("run")
-        workers = [Worker(i, step.argv, dict(_environ()), label=f"slice {step.worker[0]} worker {step.worker[1]}")
+        workers = [Worker(i, step.argv, dict(os.environ), label=f"slice {step.worker[0]} worker {step.worker[1]}")
                    for i, step in enumerate(runs)]
         if not workers:  # xpk: the workload runs in the cluster, and its waiting command tells how it ended
             for step in self._steps("await"):
@@ -170,9 +170,3 @@ class PodJob:
         except OSError:
             return None
         return max(steps, default=None)
-
-
-def _environ() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
