@@ -173,10 +173,11 @@ class LineLog:
         self.path = run_path(path)
         self.remote = is_remote(path)
         self.upload_every_s = upload_every_s
-        old = [] if fresh or not self.path.exists() else self.path.read_text(encoding="utf-8").splitlines()
+        existed = self.path.exists()
+        old = self.path.read_text(encoding="utf-8").splitlines() if existed and not fresh else []
         self._lines = [line for line in old if line.strip() and (keep is None or keep(line))]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if fresh or keep is not None or not self.path.exists():
+        if fresh or keep is not None or not existed:
             write_atomic(self.path, "".join(f"{line}\n" for line in self._lines))
         if not self.remote:
             self._lines = []

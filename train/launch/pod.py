@@ -113,10 +113,14 @@ def worker_script(spec: LaunchSpec, sha: str, shape: TpuShape) -> Step:
     else:
         lines += [f"python3 -m pip install --quiet --user --force-reinstall \"$(ls ponder-{sha}/*.whl)[tpu]\""]
     lines += [f"export {key}={shlex.quote(value)}" for key, value in sorted(spec.env.items())]
-    lines += [shlex.join(["python3", "-m", "tools.cli", "launch", "preflight",
-                          "--devices", str(shape.devices * spec.slices)]),
+    lines += [shlex.join(preflight_argv(spec, shape)),
               "exec " + shlex.join(job_argv(spec, installed=spec.code.kind == "wheel"))]
     return Step("the script every worker runs", file=(script_path(spec), "\n".join(lines) + "\n"), phase="file")
+
+
+def preflight_argv(spec: LaunchSpec, shape: TpuShape) -> list[str]:
+    """`ponder launch preflight` expecting every device of every slice."""
+    return ["python3", "-m", "tools.cli", "launch", "preflight", "--devices", str(shape.devices * spec.slices)]
 
 
 def script_path(spec: LaunchSpec) -> str:
@@ -125,6 +129,10 @@ def script_path(spec: LaunchSpec) -> str:
 
 def _where(spec: LaunchSpec) -> list[str]:
     return [f"--zone={spec.zone}"] * bool(spec.zone) + [f"--project={spec.project}"] * bool(spec.project)
+
+
+def _xpk_where(spec: LaunchSpec) -> list[str]:
+    return [f"--project={spec.project}"] * bool(spec.project) + [f"--zone={spec.zone}"] * bool(spec.zone)
 
 
 def _runtime(spec: LaunchSpec, shape: TpuShape) -> str:
@@ -193,9 +201,8 @@ def xpk_plan(spec: LaunchSpec, sha: str) -> list[Step]:
     shape = check_backend(spec, "xpk")
     capacity = {"spot": ["--spot"], "on-demand": ["--on-demand"]}.get(
         spec.capacity, [f"--reservation={spec.xpk.reservation}"])
-    command = shlex.join(["python3", "-m", "tools.cli", "launch", "preflight", "--devices",
-                          str(shape.devices * spec.slices)]) + " && " + shlex.join(job_argv(spec, installed=True))
-    where = [f"--project={spec.project}"] * bool(spec.project) + [f"--zone={spec.zone}"] * bool(spec.zone)
+    command = shlex.join(preflight_argv(spec, shape)) + " && " + shlex.join(job_argv(spec, installed=True))
+    where = _xpk_where(spec)
     plan = [Step(f"create workload {spec.name}: {spec.slices} x {spec.accelerator}, image {spec.code.image} "
                  f"(commit {sha})",
                  argv=("xpk", "workload", "create", f"--cluster={spec.xpk.cluster}", f"--workload={spec.name}",
@@ -220,9 +227,9 @@ def delete_step(spec: LaunchSpec, backend: str) -> Step:
         return Step("delete the queued resource and its TPUs", phase="delete",
                     argv=("gcloud", "compute", "tpus", "queued-resources", "delete", spec.name, *_where(spec),
                           "--force", "--quiet"))
-    where = [f"--project={spec.project}"] * bool(spec.project) + [f"--zone={spec.zone}"] * bool(spec.zone)
     return Step("delete the workload when it has ended", phase="delete",
-                argv=("xpk", "workload", "delete", f"--cluster={spec.xpk.cluster}", f"--workload={spec.name}", *where))
+                argv=("xpk", "workload", "delete", f"--cluster={spec.xpk.cluster}", f"--workload={spec.name}",
+                      *_xpk_where(spec)))
 
 
 PLANS = {"tpu-vm": tpu_vm_plan, "queued": queued_plan, "xpk": xpk_plan}
