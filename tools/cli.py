@@ -34,7 +34,7 @@ SINGLE_HOST = {
 }
 
 # Module names under tools/, in the order --help lists them.
-COMMANDS = ("demo", "info", "train", "rl", "generate", "search", "reward", "data", "vocab", "bench", "launch")
+COMMANDS = ("demo", "info", "train", "rl", "generate", "search", "reward", "data", "vocab", "export", "bench", "launch")
 
 DESCRIPTION = """\
 ponder is a JAX/TPU-first stack for reasoning models: pretrain a Flax NNX transformer on a
