@@ -25,6 +25,28 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
+class RopeScaling(Strict):
+    """Llama 3's rotary frequency scaling (HF `rope_scaling` with `rope_type: llama3`).
+
+    Wavelengths longer than original_max_position_embeddings / low_freq_factor are divided
+    by `factor`, those shorter than .../high_freq_factor are kept, and the band between is
+    interpolated smoothly.
+    """
+
+    rope_type: Literal["llama3"] = "llama3"
+    factor: float = Field(8.0, gt=0)
+    low_freq_factor: float = Field(1.0, gt=0)
+    high_freq_factor: float = Field(4.0, gt=0)
+    original_max_position_embeddings: int = Field(8192, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> RopeScaling:
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"rope_scaling: high_freq_factor ({self.high_freq_factor}) must exceed "
+                             f"low_freq_factor ({self.low_freq_factor})")
+        return self
+
+
 class ModelConfig(Strict):
     """Shapes and numerics of the Llama-style decoder."""
 
@@ -36,6 +58,7 @@ class ModelConfig(Strict):
     head_dim: int | None = Field(None, gt=0)
     mlp_dim: int = Field(384, gt=0)
     rope_theta: float = Field(10000.0, gt=0)
+    rope_scaling: RopeScaling | None = None
     norm_eps: float = Field(1e-5, gt=0)
     tie_embeddings: bool = False
     max_seq_len: int = Field(512, gt=0)

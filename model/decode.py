@@ -136,7 +136,7 @@ def decode_step(model: Transformer, layers: tuple[DecodeLayer, ...], tokens, pos
         h = rms_norm(x, layer.attn_norm, cfg.norm_eps)
         qkv = decode_matmul(h, layer.qkv).reshape(*h.shape[:2], heads + 2 * kv_heads, head_dim)
         q, k, v = qkv[:, :, :heads], qkv[:, :, heads : heads + kv_heads], qkv[:, :, heads + kv_heads :]
-        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        q, k = (rope(a, positions, cfg.rope_theta, cfg.rope_scaling) for a in (q, k))
         cache = write_pages(cache, i, k, v, page_table, lengths, num_new)
         attended = attend_paged(q, cache, i, page_table, lengths, num_new)
         x = x + decode_matmul(attended.reshape(*attended.shape[:2], -1), layer.out)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from configs.schema import ModelConfig
+from configs.schema import ModelConfig, RopeScaling
 
 
 def _heads_in(num_heads: int, head_dim: int) -> tuple[Callable, Callable]:
@@ -61,31 +61,69 @@ def _mapping(cfg: ModelConfig) -> tuple[list, list]:
     return global_entries, layer_entries
 
 
-def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
-    """A ModelConfig from a `transformers.LlamaConfig` (or anything with its attributes)."""
-    rope = getattr(hf_config, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", "default")
-    if rope_type != "default":
-        raise ValueError(f"rope_type {rope_type!r} is not supported yet; only default RoPE converts exactly")
+# config.json keys whose value must be this for the model to be ponder's Llama (anything else is refused).
+REQUIRED = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+ARCHITECTURES = ("LlamaForCausalLM",)
+# The ModelConfig fields a HF config.json decides (the rest, numerics and layout, are ponder's choice).
+ARCHITECTURE_FIELDS = ("vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+                       "rope_theta", "rope_scaling", "norm_eps", "tie_embeddings", "max_seq_len")
+
+
+def config_from_hf(config: Mapping[str, Any], **overrides: Any) -> ModelConfig:
+    """A ModelConfig from a HF Llama `config.json` (a dict; transformers 4.x or 5.x keys).
+
+    Raises ValueError naming the field for anything ponder's decoder does not compute the
+    same way (another architecture, biases, another activation or RoPE type).
+    """
+    architectures = config.get("architectures") or list(ARCHITECTURES)
+    if config.get("model_type", "llama") != "llama" or any(a not in ARCHITECTURES for a in architectures):
+        raise ValueError(f"architectures: {architectures} (model_type {config.get('model_type')!r}); "
+                         f"only {', '.join(ARCHITECTURES)} (model_type 'llama') converts")
+    for key, value in REQUIRED.items():
+        if config.get(key, value) != value:
+            raise ValueError(f"{key}: {config[key]!r} is not supported; ponder's Llama needs {value!r}")
+    missing = [key for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if key not in config]
+    if missing:
+        raise ValueError(f"config.json lacks {', '.join(missing)}")
+    # transformers 5 writes rope_parameters (with rope_theta inside); 4.x rope_theta and rope_scaling
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+    theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
+    scaling = None
+    if rope_type == "llama3":
+        known = set(RopeScaling.model_fields) - {"rope_type"}
+        scaling = RopeScaling(rope_type="llama3", **{k: v for k, v in rope.items() if k in known})
+    elif rope_type != "default":
+        raise ValueError(f"rope_scaling.rope_type: {rope_type!r} is not supported; ponder computes "
+                         "default and llama3 RoPE")
+    num_heads = config["num_attention_heads"]
     fields = dict(
-        vocab_size=hf_config.vocab_size,
-        num_layers=hf_config.num_hidden_layers,
-        embed_dim=hf_config.hidden_size,
-        num_heads=hf_config.num_attention_heads,
-        num_kv_heads=hf_config.num_key_value_heads,
-        head_dim=getattr(hf_config, "head_dim", None),
-        mlp_dim=hf_config.intermediate_size,
-        rope_theta=rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)),
-        norm_eps=hf_config.rms_norm_eps,
-        tie_embeddings=hf_config.tie_word_embeddings,
-        max_seq_len=hf_config.max_position_embeddings,
+        vocab_size=config["vocab_size"],
+        num_layers=config["num_hidden_layers"],
+        embed_dim=config["hidden_size"],
+        num_heads=num_heads,
+        num_kv_heads=config.get("num_key_value_heads") or num_heads,
+        head_dim=config.get("head_dim"),
+        mlp_dim=config["intermediate_size"],
+        rope_theta=theta,
+        rope_scaling=scaling,
+        norm_eps=config.get("rms_norm_eps", 1e-6),
+        tie_embeddings=config.get("tie_word_embeddings", False),
+        max_seq_len=config.get("max_position_embeddings", 2048),
     )
     return ModelConfig(**(fields | overrides))
 
 
-def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """Keyword arguments for `transformers.LlamaConfig` describing the same model."""
-    return dict(
+def config_to_hf(cfg: ModelConfig, *, dtype: str = "float32", bos_id: int = 0, eos_id: int = 1,
+                 pad_id: int = 0) -> dict[str, Any]:
+    """A HF `config.json` (LlamaForCausalLM) describing the same model; `LlamaConfig(**it)` builds it.
+
+    RoPE is written the transformers 4.x way (rope_theta, rope_scaling), which 5.x also reads.
+    """
+    config = dict(
+        architectures=list(ARCHITECTURES),
+        model_type="llama",
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.embed_dim,
         intermediate_size=cfg.mlp_dim,
@@ -94,12 +132,39 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         num_key_value_heads=cfg.num_kv_heads,
         head_dim=cfg.resolved_head_dim,
         rope_theta=cfg.rope_theta,
+        rope_scaling=cfg.rope_scaling.model_dump() if cfg.rope_scaling else None,
         rms_norm_eps=cfg.norm_eps,
         tie_word_embeddings=cfg.tie_embeddings,
         max_position_embeddings=cfg.max_seq_len,
+        hidden_act="silu",
         attention_bias=False,
+        attention_dropout=0.0,
         mlp_bias=False,
+        pretraining_tp=1,
+        initializer_range=0.02,
+        use_cache=True,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        torch_dtype=dtype,
     )
+    return config
+
+
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of the HF state dict of `cfg` (lm_head.weight only when untied)."""
+    n, k, d, e, f, v = (cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim, cfg.embed_dim, cfg.mlp_dim,
+                        cfg.vocab_size)
+    layer = {"input_layernorm.weight": (e,), "self_attn.q_proj.weight": (n * d, e),
+             "self_attn.k_proj.weight": (k * d, e), "self_attn.v_proj.weight": (k * d, e),
+             "self_attn.o_proj.weight": (e, n * d), "post_attention_layernorm.weight": (e,),
+             "mlp.gate_proj.weight": (f, e), "mlp.up_proj.weight": (f, e), "mlp.down_proj.weight": (e, f)}
+    shapes = {"model.embed_tokens.weight": (v, e), "model.norm.weight": (e,)}
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (v, e)
+    for i in range(cfg.num_layers):
+        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in layer.items()})
+    return shapes
 
 
 def _get(tree: Mapping, path: tuple[str, ...]):
@@ -114,18 +179,26 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
+def _shape(state_dict: Mapping[str, Any], name: str) -> tuple[int, ...]:
+    shape = getattr(state_dict, "shape", None)  # SafetensorsDir reads shapes without the data
+    return tuple(shape(name)) if callable(shape) else tuple(state_dict[name].shape)
+
+
 def from_hf_state_dict(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict:
-    """Ponder params (a nested dict of float32 numpy arrays) from a HF Llama state dict."""
+    """Ponder params (a nested dict of float32 numpy arrays) from a HF Llama state dict.
+
+    `state_dict` maps names to arrays (numpy, CPU torch) or is a `SafetensorsDir`, read one
+    tensor at a time. A missing tensor or a shape other than `cfg` implies raises, naming it.
+    """
     global_entries, layer_entries = _mapping(cfg)
-    missing = [name for name, _, _ in global_entries if name not in state_dict]
-    missing += [
-        f"model.layers.{i}.{name}"
-        for i in range(cfg.num_layers)
-        for name, _, _ in layer_entries
-        if f"model.layers.{i}.{name}" not in state_dict
-    ]
+    expected = hf_shapes(cfg)
+    missing = [name for name in expected if name not in state_dict]
     if missing:
         raise KeyError(f"HF state dict lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    for name, shape in expected.items():
+        if _shape(state_dict, name) != shape:
+            raise ValueError(f"{name}: shape {list(_shape(state_dict, name))}, but config.json implies "
+                             f"{list(shape)} (hidden_size, intermediate_size, heads, head_dim, vocab_size)")
 
     def array(name):
         tensor = state_dict[name]
@@ -137,21 +210,54 @@ def from_hf_state_dict(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict:
     for name, path, (to_ponder, _) in global_entries:
         _set(params, path, to_ponder(array(name)))
     for name, path, (to_ponder, _) in layer_entries:
-        layers = [to_ponder(array(f"model.layers.{i}.{name}")) for i in range(cfg.num_layers)]
-        _set(params, ("blocks", *path), np.stack(layers))
+        stacked = np.empty((cfg.num_layers, *to_ponder(np.zeros(expected[f"model.layers.0.{name}"])).shape),
+                           np.float32)
+        for i in range(cfg.num_layers):
+            stacked[i] = to_ponder(array(f"model.layers.{i}.{name}"))
+        _set(params, ("blocks", *path), stacked)
     return params
+
+
+def hf_entries(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(HF name, shape) of every tensor an export writes, in the order `hf_tensor_reader` reads them best.
+
+    Ordered by parameter, then layer: one stacked ponder parameter serves all its layers in a row.
+    """
+    shapes = hf_shapes(cfg)
+    global_entries, layer_entries = _mapping(cfg)
+    names = [name for name, _, _ in global_entries]
+    names += [f"model.layers.{i}.{name}" for name, _, _ in layer_entries for i in range(cfg.num_layers)]
+    return [(name, shapes[name]) for name in names]
+
+
+def hf_tensor_reader(params: Mapping, cfg: ModelConfig,
+                     fetch: Callable[[Any], np.ndarray] = np.asarray) -> Callable[[str], np.ndarray]:
+    """`read(hf_name) -> float32 array` from ponder params; `fetch` brings one param to the host.
+
+    Holds one fetched (stacked) parameter at a time, so reading `hf_entries` in order fetches
+    each parameter once.
+    """
+    global_entries, layer_entries = _mapping(cfg)
+    by_name = {name: (path, to_hf, None) for name, path, (_, to_hf) in global_entries}
+    by_name |= {f"model.layers.{i}.{name}": (("blocks", *path), to_hf, i)
+                for name, path, (_, to_hf) in layer_entries for i in range(cfg.num_layers)}
+    held: dict = {}
+
+    def read(name: str) -> np.ndarray:
+        path, to_hf, layer = by_name[name]
+        if path not in held:
+            held.clear()
+            held[path] = np.asarray(fetch(_get(params, path)), np.float32)
+        value = held[path] if layer is None else held[path][layer]
+        return np.ascontiguousarray(to_hf(value))
+
+    return read
 
 
 def to_hf_state_dict(params: Mapping, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """A HF Llama state dict (float32 numpy arrays) from ponder params (nested dict)."""
-    global_entries, layer_entries = _mapping(cfg)
-    out = {}
-    for name, path, (_, to_hf) in global_entries:
-        out[name] = np.array(to_hf(np.asarray(_get(params, path), np.float32)), order="C")
-    for name, path, (_, to_hf) in layer_entries:
-        stacked = np.asarray(_get(params, ("blocks", *path)), np.float32)
-        for i in range(cfg.num_layers):
-            out[f"model.layers.{i}.{name}"] = np.array(to_hf(stacked[i]), order="C")
+    read = hf_tensor_reader(params, cfg)
+    out = {name: read(name) for name, _ in hf_entries(cfg)}
     if cfg.tie_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out

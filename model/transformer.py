@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from configs.schema import ModelConfig
+from configs.schema import ModelConfig, RopeScaling
 from model.paged import PagedKVCache, attend_paged, write_pages
 from model.sharding import Rules, constrain
 
@@ -49,13 +50,27 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.scale[...], self.eps)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
+    """Rotary inverse frequencies [head_dim // 2] float32, with Llama 3's scaling when given (as HF computes them)."""
+    inv_freq = (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)).astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    old_context = scaling.original_max_position_embeddings
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > old_context / scaling.low_freq_factor, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_context / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= old_context / scaling.high_freq_factor) & (wavelen <= old_context / scaling.low_freq_factor)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
     """Rotary position embedding, half-split convention (HF Llama's `rotate_half`).
 
     x: [B, T, heads, head_dim]; positions: [B, T] int.
     """
     half = x.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2 / x.shape[-1])
+    inv_freq = jnp.asarray(rope_frequencies(x.shape[-1], theta, scaling))
     angle = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
     sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
@@ -72,7 +87,7 @@ class Attention(nnx.Module):
         self.wk = _param(rngs, _fan_in(0, (1, 2)), (e, k, d), ("embed", "kv_heads", "head_dim"), pdt)
         self.wv = _param(rngs, _fan_in(0, (1, 2)), (e, k, d), ("embed", "kv_heads", "head_dim"), pdt)
         self.wo = _param(rngs, _fan_in((0, 1), 2), (n, d, e), ("heads", "head_dim", "embed"), pdt)
-        self.rope_theta = cfg.rope_theta
+        self.rope_theta, self.rope_scaling = cfg.rope_theta, cfg.rope_scaling
         self.implementation = None if cfg.attention == "auto" else cfg.attention
 
     def _qkv(self, x: jax.Array, positions: jax.Array):
@@ -80,7 +95,8 @@ class Attention(nnx.Module):
         q = jnp.einsum("bte,end->btnd", x, self.wq[...].astype(dt))
         k = jnp.einsum("bte,ekd->btkd", x, self.wk[...].astype(dt))
         v = jnp.einsum("bte,ekd->btkd", x, self.wv[...].astype(dt))
-        return rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta), v
+        q, k = (rope(a, positions, self.rope_theta, self.rope_scaling) for a in (q, k))
+        return q, k, v
 
     def _out(self, attended: jax.Array) -> jax.Array:
         return jnp.einsum("btnd,nde->bte", attended, self.wo[...].astype(attended.dtype))

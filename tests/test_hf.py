@@ -33,7 +33,7 @@ def _hf_logits(model: LlamaForCausalLM, tokens: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("tied", [False, True])
 def test_hf_to_ponder_and_back(tied):
     hf = _hf_model(tied)
-    cfg = config_from_hf(hf.config)
+    cfg = config_from_hf(hf.config.to_dict())
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.rope_theta, cfg.tie_embeddings) == (8, 2, 500000.0, tied)
     tokens = np.random.default_rng(0).integers(0, 320, (2, 24))
     want = _hf_logits(hf, tokens)
@@ -54,7 +54,7 @@ def test_hf_to_ponder_and_back(tied):
 
 def test_conversion_errors_name_the_problem():
     hf = _hf_model(tied=False)
-    cfg = config_from_hf(hf.config)
+    cfg = config_from_hf(hf.config.to_dict())
     state = dict(hf.state_dict())
     del state["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):

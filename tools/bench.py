@@ -240,7 +240,7 @@ def bench_decode_vs_hf(args: argparse.Namespace) -> dict[str, float]:
     torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
     torch.manual_seed(0)
     # No EOS id: HF's min_new_tokens would otherwise mask it, and greedy paths would part where it is the argmax.
-    hf_config = LlamaConfig(**config_to_hf(model_cfg), bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    hf_config = LlamaConfig(**(config_to_hf(model_cfg) | dict(bos_token_id=None, eos_token_id=None, pad_token_id=0)))
     hf = LlamaForCausalLM(hf_config).eval()
     model = create_model(model_cfg, seed=0)
     load_params(model, from_hf_state_dict(hf.state_dict(), model_cfg))

@@ -267,7 +267,12 @@ def find_run_config(checkpoint: Path | epath.Path) -> Path | epath.Path | None:
 
 
 def load_params(path: str | Path, abstract_params: Any, *, allow_missing: bool = False) -> Any:
-    """The params of a saved train state, onto the shardings in `abstract_params` (for `init_from`).
+    """The params of a saved train state (see `read_params`, which also says which step was read)."""
+    return read_params(path, abstract_params, allow_missing=allow_missing)[1]
+
+
+def read_params(path: str | Path, abstract_params: Any, *, allow_missing: bool = False) -> tuple[Path, Any]:
+    """(step dir read, params) of a saved train state, onto the shardings in `abstract_params` (for `init_from`).
 
     `path` is a run directory, its `checkpoints/` (the newest readable step is used) or one
     step directory. A partial restore (`PyTreeRestore(partial_restore=True)`): only the arrays under
@@ -295,11 +300,11 @@ def load_params(path: str | Path, abstract_params: Any, *, allow_missing: bool =
         with ocp.PyTreeCheckpointer() as checkpointer:
             return checkpointer.restore(step_dir / "state", args=args)["params"]
 
-    params = newest_readable(step_dirs, _check_state, read)[1]
+    step_dir, params, _ = newest_readable(step_dirs, _check_state, read)
     missing = missing_params(params)
     if missing and not allow_missing:
         raise CheckpointError(f"{path}: the checkpoint has no {', '.join(missing)} (a different model config?)")
-    return params
+    return step_dir, params
 
 
 def missing_params(params: Any) -> list[str]:
