@@ -246,3 +246,37 @@ def test_bad_hf_directories_are_named_and_leave_nothing(tmp_path):
     _refused(hf_dir, tmp_path, "MistralForCausalLM")
     (hf_dir / "config.json").write_text(json.dumps(config))
     import_hf(hf_dir, tmp_path / "run", vocab="byte")  # the repaired directory imports
+
+
+def _ponder(capsys, *argv: str) -> tuple[int, str, str]:
+    from tools import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return exited.value.code, out, err
+
+
+def test_the_commands_export_params_generate_from_it_and_name_bad_input(policy_params, tmp_path, capsys):
+    _, run_dir, _ = policy_params
+    code, out, err = _ponder(capsys, "export", "params", "--checkpoint", str(run_dir), "--out", str(tmp_path / "p"))
+    assert code == 0 and "params only" in out and "of the full checkpoint" in out, err
+    prompt = get_task("arithmetic").generate(5, 1, 1, "test").prompt
+    completions = []
+    for checkpoint in (run_dir, tmp_path / "p"):
+        code, out, err = _ponder(capsys, "generate", "--checkpoint", str(checkpoint), "--prompt", prompt, "--json",
+                                 "--max-new-tokens", "24")
+        assert code == 0, err
+        completions.append(json.loads(out)["tokens"])
+    assert completions[0] == completions[1] and completions[0]
+
+    code, _, err = _ponder(capsys, "export", "params", "--checkpoint", str(run_dir), "--out", str(tmp_path / "p"))
+    assert code == 2 and "exists" in err
+    code, _, err = _ponder(capsys, "export", "hf", "--checkpoint", str(tmp_path / "nope"), "--out",
+                           str(tmp_path / "h"))
+    assert code == 2 and "nope: no such checkpoint directory" in err
+    code, _, err = _ponder(capsys, "import", "hf", str(tmp_path), "--out", str(tmp_path / "r"))
+    assert code == 2 and "no config.json" in err
+    code, _, err = _ponder(capsys, "export", "hf", "--checkpoint", str(run_dir), "--out", str(tmp_path / "h"),
+                           "--shard-size", "lots")
+    assert code == 2 and "--shard-size" in err

@@ -230,3 +230,21 @@ def test_three_grpo_steps_on_two_processes_equal_one_process(trained_tiny_policy
         for key in ("loss", "kl", "grad_norm"):
             assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
     assert any(m["reward_mean"] > 0 for m in metrics[1])
+
+
+def test_export_hf_from_a_two_process_checkpoint_to_a_bucket_writes_what_one_process_writes(
+        uninterrupted, tmp_path, gcs_emulator):
+    """Params sharded over both hosts' devices are gathered; process 0 alone writes, here to a bucket."""
+    from etils import epath
+
+    bucket = epath.Path(f"gs://{gcs_emulator.bucket}/export-hf")
+    for hosts, out in ((1, tmp_path / "hf"), (2, bucket)):
+        log = _run(["export", "hf", "--checkpoint", str(uninterrupted), "--out", str(out), "--shard-size", "1MB"],
+                   hosts, env=gcs_emulator.env)
+        assert log.count("wrote ") == 1, log[-3000:]
+    local = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert sorted(p.name for p in bucket.iterdir()) == local
+    assert sum(name.endswith(".safetensors") for name in local) > 1
+    for name in local:
+        if name.endswith(".safetensors"):
+            assert (bucket / name).read_bytes() == (tmp_path / "hf" / name).read_bytes(), name

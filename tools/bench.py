@@ -73,6 +73,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--torch-threads", type=int, default=None, help="torch threads (default: this machine's cores)")
     search.set_defaults(func=run_search)
 
+    export = commands.add_parser(
+        "export",
+        help="time and size of params-only and HuggingFace exports and of an HF import",
+        description="Builds the config's model (default `small`) with fresh params, saves a full train "
+        "state (params and AdamW moments) as `ponder train` does, then times `export params` "
+        "(float32 and bfloat16), `export hf` (float32 and bfloat16) and `import hf` of the float32 "
+        "export, each the best of REPEATS into a fresh directory under --dir (default: a temporary "
+        "directory, removed at the end), and prints each output's size against the full checkpoint.",
+    )
+    add_config_arguments(export)
+    export.set_defaults(config="small")
+    export.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best counts (default 2)")
+    export.add_argument("--dir", metavar="DIR", help="where to write (default: a temporary directory)")
+    export.set_defaults(func=run_export)
+
 
 def measure_pipeline(data_cfg, seed: int, batches: int) -> dict[str, float]:
     """Examples/s and (non-padding) tokens/s of one host's pipeline over `batches` batches."""
@@ -198,6 +213,59 @@ def run_search(args: argparse.Namespace) -> int:
         bench_search_overhead(args)
     if "hf" in sections:
         bench_decode_vs_hf(args)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Times and sizes params-only and HF exports and an HF import of a freshly initialised model."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import jax
+
+    from model.sharding import make_mesh
+    from train.checkpoint import Checkpoints
+    from train.interchange import export_hf, export_params, import_hf, tree_bytes
+    from train.state import init_state, state_layout
+
+    cfg = config_from_args(args)
+    base = Path(args.dir or tempfile.mkdtemp(prefix="ponder-bench-export-"))
+    run_dir = base / "run"
+    mesh = make_mesh(cfg.mesh)
+    state = init_state(cfg, state_layout(cfg, mesh), mesh)
+    with Checkpoints(run_dir / "checkpoints", save_every=1, keep=1, async_save=False) as checkpoints:
+        checkpoints.save(1, state, config=cfg, force=True)
+    from configs.load import save_config
+
+    save_config(cfg, run_dir)
+    full = tree_bytes(run_dir / "checkpoints" / "1")
+    params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    print(f"bench export: {args.config} ({params / 1e6:.1f}M params), full checkpoint {full / 2**20:.1f} MiB "
+          f"({jax.devices()[0].device_kind}, best of {args.repeats})")
+    del state
+    runs = {
+        "export params float32": lambda out: export_params(run_dir, out),
+        "export params bfloat16": lambda out: export_params(run_dir, out, dtype="bfloat16"),
+        "export hf float32": lambda out: export_hf(run_dir, out, dtype="float32"),
+        "export hf bfloat16": lambda out: export_hf(run_dir, out, dtype="bfloat16"),
+        "import hf (float32)": lambda out: import_hf(base / "export hf float32-0", out, vocab=cfg.data.vocab),
+    }
+    try:
+        for name, fn in runs.items():
+            best = float("inf")
+            for attempt in range(args.repeats):
+                out = base / f"{name}-{attempt}"
+                start = time.perf_counter()
+                fn(out)
+                best = min(best, time.perf_counter() - start)
+                size = tree_bytes(out)
+                if attempt and not name.startswith("export hf float32"):
+                    shutil.rmtree(out)
+            print(f"  {name:<24} {best:7.2f} s  {size / 2**20:8.1f} MiB  ({size / full:.0%} of the full checkpoint)")
+    finally:
+        if not args.dir:
+            shutil.rmtree(base, ignore_errors=True)
     return 0
 
 
