@@ -15,14 +15,20 @@ BOS_ID = 0  # seqio's decoder inputs start each segment with id 0 (the pad id do
 
 
 def get_vocabulary(spec: str) -> seqio.Vocabulary:
-    """`byte` -> seqio.ByteVocabulary; otherwise a SentencePiece model file (or a dir holding spm.model)."""
+    """`byte` -> seqio.ByteVocabulary; a HF tokenizer.json (or a dir holding one) -> TokenizerJsonVocabulary;
+    otherwise a SentencePiece model file (or a dir holding spm.model)."""
     if spec == "byte":
         return seqio.ByteVocabulary()
+    if tokenizer_json := hf_tokenizer_file(spec):
+        from model.hf_tokenizer import TokenizerJsonVocabulary
+
+        return TokenizerJsonVocabulary(tokenizer_json)
     path = Path(spec)
     if path.is_dir():
         path = path / "spm.model"
     if not path.is_file():
-        raise FileNotFoundError(f"data.vocab: {spec!r} is neither `byte` nor a SentencePiece model file")
+        raise FileNotFoundError(f"data.vocab: {spec!r} is neither `byte`, a SentencePiece model file, a HF "
+                                "tokenizer.json, nor a directory holding spm.model or tokenizer.json")
     return seqio.SentencePieceVocabulary(str(path))
 
 
@@ -30,8 +36,18 @@ def vocab_id(spec: str) -> str:
     """A short name for a vocabulary that changes when the model file does (seqio task names use it)."""
     if spec == "byte":
         return "byte"
+    if tokenizer_json := hf_tokenizer_file(spec):
+        return "tok" + hashlib.sha256(tokenizer_json.read_bytes()).hexdigest()[:10]
     path = Path(spec) / "spm.model" if Path(spec).is_dir() else Path(spec)
     return "spm" + hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+
+
+def hf_tokenizer_file(spec: str) -> Path | None:
+    """The HF tokenizer JSON that `spec` names (a .json file, or a dir holding tokenizer.json and no spm.model)."""
+    path = Path(spec)
+    if path.is_dir() and not (path / "spm.model").exists():
+        path = path / "tokenizer.json"
+    return path if path.suffix == ".json" and path.is_file() else None
 
 
 def padded_vocab_size(vocab: seqio.Vocabulary, multiple: int = VOCAB_MULTIPLE) -> int:
