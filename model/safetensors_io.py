@@ -92,7 +92,7 @@ def write_file(path: Path | None, entries: list[tuple[str, tuple[int, ...]]], re
     with open(path, "wb") if path is not None else _Discard() as file:
         file.write(struct.pack("<Q", len(text)) + text)
         for tensor, shape in entries:
-            array = np.ascontiguousarray(np.asarray(read(tensor)).astype(np_dtype))
+            array = np.asarray(np.asarray(read(tensor)).astype(np_dtype), order="C")
             if array.shape != tuple(shape):
                 raise SafetensorsError(f"{tensor}: shape {array.shape}, planned {tuple(shape)}")
             file.write(array.tobytes())
@@ -204,5 +204,5 @@ class SafetensorsDir(Mapping):
         shape = tuple(entry["shape"])
         if not math.prod(shape):
             return np.zeros(shape, np.float32)
-        data = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=shape)
-        return np.asarray(data, dtype=np.float32)
+        data = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=(math.prod(shape),))
+        return np.asarray(data, dtype=np.float32).reshape(shape)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from model.flops import decode_flops
-from search.sampler import EOS_ID, Generated, decode_loop
+from search.sampler import Generated, decode_loop
 from search.scorers import Steps
 from search.spec import SearchSpec
 from search.state import Models, SearchState
@@ -124,7 +124,7 @@ def generate_steps(spec: SearchSpec, models: Models, params, keys: jax.Array, st
     start, valid, pages = children.start, children.valid, children.pages
     generated = decode_loop(
         models.graphdef, params, state.cache, children.page_table, start, children.pending, valid, row_keys,
-        max_new=spec.max_step_tokens, stop_ids=(spec.delimiter, EOS_ID), sampling=spec.sampling,
+        max_new=spec.max_step_tokens, stop_ids=(spec.delimiter, spec.eos), sampling=spec.sampling,
     )
     num = generated.num
 
@@ -165,7 +165,7 @@ def write_children(spec: SearchSpec, models: Models, state: SearchState, childre
     last_token = jnp.take_along_axis(generated.tokens, (num - 1).clip(0)[:, None], axis=1)[:, 0]
     depth = tree.depth[b_idx, safe_parent] + 1
     kv_len = start + num
-    terminal = (last_token == EOS_ID) | (depth >= spec.max_steps) | (kv_len + spec.max_step_tokens + 1 > spec.max_len)
+    terminal = (last_token == spec.eos) | (depth >= spec.max_steps) | (kv_len + spec.max_step_tokens + 1 > spec.max_len)
     node = jnp.where(valid, children.node, spec.num_nodes)  # out of range -> dropped
     parent_min = tree.path_min[b_idx, safe_parent]
     parent_prod = tree.path_prod[b_idx, safe_parent]

@@ -188,7 +188,7 @@ def decode_text(vocab, tokens) -> str:
     """Text of generated ids, stopping at EOS (pads dropped)."""
     ids = []
     for token in np.asarray(tokens).tolist():
-        if token == EOS_ID:
+        if token == vocab.eos_id:
             break
         if token != PAD_ID:
             ids.append(token)

@@ -38,6 +38,7 @@ class SearchSpec:
     aggregate: str = "last"  # how a path's step scores combine: last, min, product
     sampling: Sampling = Sampling()
     delimiter: int = 13  # the step delimiter token ("\n" in the byte vocabulary)
+    eos: int = 1  # the vocabulary's end-of-sequence id: a chain that emits it is finished
 
     @property
     def groups(self) -> int:
@@ -161,12 +162,12 @@ def resolve(spec: SearchSpec) -> SearchSpec:
 def spec_from_config(search_cfg, vocab, **changes) -> SearchSpec:
     """The resolved `SearchSpec` that `search_cfg` (a SearchConfig) describes, with `changes` (e.g. strategy).
 
-    The step delimiter is the vocabulary's newline.
+    The step delimiter is the vocabulary's newline; `eos` is the vocabulary's EOS id.
     """
     sampling = Sampling(search_cfg.temperature, search_cfg.top_k, search_cfg.top_p)
-    fields = {field.name for field in dataclasses.fields(SearchSpec)} - {"sampling", "delimiter"}
+    fields = {field.name for field in dataclasses.fields(SearchSpec)} - {"sampling", "delimiter", "eos"}
     spec = SearchSpec(**{name: getattr(search_cfg, name) for name in fields}, sampling=sampling,
-                      delimiter=int(vocab.encode("\n")[-1]))
+                      delimiter=int(vocab.encode("\n")[-1]), eos=int(vocab.eos_id))
     return resolve(dataclasses.replace(spec, **changes))
 
 

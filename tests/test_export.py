@@ -24,6 +24,7 @@ from model.hf import load_params as load_into_model
 from model.sharding import make_mesh
 from search.sampler import Sampling, generate
 from tasks import get_task
+from tasks.files import write_problems
 from train.checkpoint import load_params
 from train.interchange import VALUE_HEAD_FILE, InterchangeError, export_hf, export_params, import_hf, write_params_run
 from train.state import state_layout
@@ -37,7 +38,7 @@ def _task_texts(count: int = 4) -> list[str]:
     for name, difficulty in PROMPT_TASKS:
         for index in range(count):
             problem = get_task(name).generate(7, index, difficulty, "test")
-            texts += [problem.prompt, problem.prompt + "\n" + (problem.solution or "")]
+            texts += [problem.prompt, problem.prompt + "\n".join(problem.steps)]
     return texts + ["ünïcödé ✓ 🙂", " leading space\n\ttabs"]
 
 
@@ -90,8 +91,7 @@ def test_export_hf_loads_in_transformers_with_the_same_logits_greedy_and_tokens(
     assert np.abs(hf_logits - ours).max() <= 1e-4
 
     with torch.no_grad():
-        hf_ids = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=40, do_sample=False,
-                             eos_token_id=1, pad_token_id=0)[0, len(prompt_ids):].tolist()
+        hf_ids = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=40)[0, len(prompt_ids):].tolist()
     assert hf_ids == _ponder_greedy(cfg, params, prompt_ids, 40)
     assert written.step == 400 and written.bytes > 0
 
@@ -117,7 +117,7 @@ def test_export_params_is_smaller_and_restores_onto_another_mesh(policy_params, 
 
 def _reward_run(tmp_path):
     """A real orbax run of a tiny reward model (random params, value head)."""
-    cfg = load_config("experiments/tiny", ["model.value_head=true", "data.objective=reward"])
+    cfg = load_config("experiments/tiny", ["model.value_head=true"])
     mesh = make_mesh(cfg.mesh)
     params = nnx.state(create_model(cfg.model, seed=3), nnx.Param).to_pure_dict()
     params = jax.device_put(params, state_layout(cfg, mesh).shardings["params"])
@@ -178,21 +178,39 @@ def test_import_hf_matches_transformers(tmp_path, tied, kv_heads, rope_scaling, 
     assert written.bytes > 0
 
 
-def test_an_imported_model_trains_two_steps(tmp_path):
+def test_an_imported_model_trains_and_searches_with_its_own_tokenizer(tmp_path):
+    from model.hf_tokenizer import write_tokenizer
+
     hf = _hf_llama(tied=False, kv_heads=2, rope_scaling=True)
     hf.save_pretrained(tmp_path / "hf")
-    import_hf(tmp_path / "hf", tmp_path / "run", vocab="byte")
+    write_tokenizer("byte", tmp_path / "hf", model_max_length=512)  # a tokenizer.json beside the weights
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    cfg = load_config(str(tmp_path / "run" / "config.yaml"))
+    assert cfg.data.vocab == str(tmp_path / "run" / "tokenizer")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
-    process = subprocess.run(
-        [sys.executable, "-m", "tools.cli", "train", "--no-progress", "--config", str(tmp_path / "run" / "config.yaml"),
-         f"train.init_from={tmp_path / 'run'}", f"train.run_dir={tmp_path / 'trained'}", "train.steps=2",
-         "train.eval_every=0", "train.log_every=1", "train.checkpoint_every=2", "data.seq_len=128",
-         "data.max_prompt_len=64", "data.batch_size=4"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert process.returncode == 0, process.stderr[-3000:]
+
+    def ponder(*argv):
+        process = subprocess.run([sys.executable, "-m", "tools.cli", *argv], cwd=ROOT, env=env, capture_output=True,
+                                 text=True, timeout=600)
+        assert process.returncode == 0, process.stderr[-3000:]
+        return process.stdout
+
+    ponder("train", "--no-progress", "--config", str(tmp_path / "run" / "config.yaml"),
+           f"train.init_from={tmp_path / 'run'}", f"train.run_dir={tmp_path / 'trained'}", "train.steps=2",
+           "train.eval_every=0", "train.log_every=1", "train.checkpoint_every=2", "data.seq_len=128",
+           "data.max_prompt_len=64", "data.batch_size=4")
     lines = (tmp_path / "trained" / "metrics.jsonl").read_text().splitlines()
     losses = [json.loads(line)["loss"] for line in lines if '"loss"' in line]
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+    problems = tmp_path / "problems.jsonl"
+    write_problems(problems, [get_task("arithmetic").generate(0, i, 1, "test") for i in range(2)])
+    out = ponder("search", "--no-progress", "--checkpoint", str(tmp_path / "trained"), "--problems", str(problems),
+                 "--out", str(tmp_path / "results.jsonl"), "search.strategy=sample", "search.n=2",
+                 "search.max_steps=2", "search.max_step_tokens=8", "search.max_len=64", "search.batch_size=2",
+                 "search.prompt_buckets=[32]")
+    assert "problems: 2" in out
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 2
 
 
 def _saved(tmp_path, shard: str = "50KB"):

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     from model.distributed import host_values
     from model.sharding import make_mesh
-    from search.sampler import EOS_ID, Sampling, decode_text, encode_prompts
+    from search.sampler import Sampling, decode_text, encode_prompts
     from train.checkpoint import CheckpointError, load_params
     from train.data import get_vocabulary
     from train.state import state_layout
@@ -109,21 +109,19 @@ def run(args: argparse.Namespace) -> int:
         for start in range(0, len(texts), batch):
             rows = slice(start, start + batch)
             out = generate(layout.graphdef, params, cfg.model, tokens[rows], lengths[rows], keys[rows],
-                           max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=(EOS_ID,))
+                           max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=(vocab.eos_id,))
             out_tokens, out_num = host_values((out.tokens, out.num))  # gathered when rows span hosts
             for row in range(min(batch, len(texts) - start)):
                 index = start + row
                 ids = out_tokens[row, : out_num[row]].tolist()
-                _print_completion(args.json, names[index], texts[index], decode_text(vocab, ids), ids)
+                _print_completion(args.json, names[index], texts[index], decode_text(vocab, ids), ids, vocab.eos_id)
     return 0
 
 
-def _print_completion(as_json: bool, name: str, prompt: str, completion: str, ids: list[int]) -> None:
-    from search.sampler import EOS_ID
-
+def _print_completion(as_json: bool, name: str, prompt: str, completion: str, ids: list[int], eos_id: int) -> None:
     if as_json:
         record = {"name": name, "prompt": prompt, "completion": completion, "tokens": ids,
-                  "stopped": bool(ids) and ids[-1] == EOS_ID}
+                  "stopped": bool(ids) and ids[-1] == eos_id}
         report(json.dumps(record, ensure_ascii=False), flush=True)
     else:
         report(f"=== {name}: {prompt}\n{completion}", flush=True)

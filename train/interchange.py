@@ -217,9 +217,10 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, step: int | None = Non
             write_file(tmp / VALUE_HEAD_FILE if tmp else None, entries, values.__getitem__, dtype="float32")
         if tmp is not None:
             vocab_files = write_tokenizer(cfg.data.vocab, tmp, model_max_length=model.max_seq_len)
-            _write_json(tmp / "config.json", config_to_hf(model, dtype=dtype))
-            _write_json(tmp / "generation_config.json",
-                        {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 0, "do_sample": False})
+            # No pad_token_id for generation: ponder's BOS is id 0, the pad id, and transformers would
+            # mask a leading pad out of an input given without an attention mask.
+            _write_json(tmp / "config.json", config_to_hf(model, dtype=dtype) | {"pad_token_id": None})
+            _write_json(tmp / "generation_config.json", {"bos_token_id": 0, "eos_token_id": 1, "do_sample": False})
             _write_json(tmp / EXPORT_INFO_FILE, {
                 "source": str(run.step_dir), "step": step_number, "ponder": _ponder_version(),
                 "dtype": dtype, "vocab": cfg.data.vocab,

@@ -109,7 +109,7 @@ class Sampler:
 
     def __call__(self, texts: list[str], keys: jax.Array) -> list[str]:
         """The completion text (up to EOS) of each prompt; keys [len(texts)]."""
-        from search.sampler import EOS_ID, decode_text, encode_prompts
+        from search.sampler import decode_text, encode_prompts
 
         out = []
         for start in range(0, len(texts), self.rows):
@@ -121,7 +121,7 @@ class Sampler:
             with jax.set_mesh(self.policy.mesh):
                 generated = _jit_generate()(
                     self.policy.graphdef, self.policy.params, self.policy.cfg.model, tokens, lengths, chunk_keys,
-                    max_new_tokens=self.max_new_tokens, sampling=self.sampling, stop_ids=(EOS_ID,))
+                    max_new_tokens=self.max_new_tokens, sampling=self.sampling, stop_ids=(self.policy.vocab.eos_id,))
             ids, num = np.asarray(generated.tokens), np.asarray(generated.num)
             out += [decode_text(self.policy.vocab, ids[row, : num[row]]) for row in range(len(chunk))]
         return out

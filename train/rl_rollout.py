@@ -31,7 +31,7 @@ from configs.schema import Config, RLConfig
 from model.distributed import host_values
 from model.sharding import batch_sharding, state_shardings
 from model.transformer import Transformer
-from search.sampler import EOS_ID, PAD_ID, Sampling, decode_text, encode_prompts, generate
+from search.sampler import PAD_ID, Sampling, decode_text, encode_prompts, generate
 from tasks import get_task
 from tasks.base import Problem, final_answer
 from train.data.sources import Component
@@ -137,12 +137,13 @@ class Rollouts:
     tokens: np.ndarray
     logprobs: np.ndarray
     num: np.ndarray
+    eos_id: int = 1  # the vocabulary's EOS: a row that ends with it finished
 
     @property
     def finished(self) -> np.ndarray:
         """[R] bool: the row ended with EOS (not cut at the token limit)."""
         last = np.take_along_axis(self.tokens, np.maximum(self.num - 1, 0)[:, None], axis=1)[:, 0]
-        return (self.num > 0) & (last == EOS_ID)
+        return (self.num > 0) & (last == self.eos_id)
 
 
 class RolloutWorker:
@@ -176,7 +177,7 @@ class RolloutWorker:
 
             def rollout(params, prompts, lengths, keys):
                 out = generate(graphdef, params, cfg.model, prompts, lengths, keys,
-                               max_new_tokens=cfg.rl.max_new_tokens, sampling=sampling, stop_ids=(EOS_ID,),
+                               max_new_tokens=cfg.rl.max_new_tokens, sampling=sampling, stop_ids=(self.vocab.eos_id,),
                                page_size=cfg.search.page_size)
                 return out.tokens, out.logprobs, out.num
 
@@ -221,7 +222,7 @@ class RolloutWorker:
             with jax.set_mesh(self.mesh):
                 out = host_values(fn(params, tokens, lengths, chunk_keys))
             outs.append([x[: len(chunk)] for x in out])
-        return Rollouts(*(np.concatenate([o[i] for o in outs]) for i in range(3)))
+        return Rollouts(*(np.concatenate([o[i] for o in outs]) for i in range(3)), eos_id=self.vocab.eos_id)
 
 
 def reason_category(reason: str) -> str:

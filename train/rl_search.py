@@ -19,7 +19,7 @@ import numpy as np
 from configs.schema import Config
 from model.distributed import host_values
 from search.candidates import Candidate, candidates, pick_answer
-from search.sampler import EOS_ID, encode_prompts
+from search.sampler import encode_prompts
 from search.scorers import make_scorer
 from search.sharded import run_search
 from search.spec import spec_from_config
@@ -68,6 +68,6 @@ def verified_chains(problems: list[Problem], per_problem: list[list[Candidate]],
     for p, (problem, cands) in enumerate(zip(problems, per_problem, strict=True)):
         pick, correct = pick_answer(problem, cands, select)
         found[p] = bool(pick and pick.finished and correct)
-        ids = list(vocab.encode(pick.text if pick else "")) + [EOS_ID]
+        ids = list(vocab.encode(pick.text if pick else "")) + [vocab.eos_id]
         chains.append(np.asarray(ids[:max_new_tokens], np.int32))
     return chains, found
