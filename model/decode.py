@@ -3,11 +3,13 @@
 `decoder(model, rows)` is the one place that chooses. Anywhere but CPU it is
 `Transformer.decode`, which reads each layer out of the stacked weights in place. On CPU
 it is `decode_step` over per-layer weights that `decode_layers` slices, fuses and packs
-once, outside the loop: slicing the stacked weights inside a `lax.while_loop` copies them
-on every token there; q/k/v as one matmul and gate/up as another make fewer of the small
-matmuls whose launch costs as much as their work; a flat [heads * head_dim, E] output
-weight spares XLA:CPU a transpose of wo per token; and packed weights (`DecodeWeight`)
-let the native small-matmul kernel (`model/cpu_kernels.py`) read each weight once.
+once, outside the loop (chosen by `lax.platform_dependent`: a program a CPU host lowers for
+accelerators too, `ponder export search`, reads the stacked weights there). Slicing the
+stacked weights inside a `lax.while_loop` copies them on every token there; q/k/v as one
+matmul and gate/up as another make fewer of the small matmuls whose launch costs as much
+as their work; a flat [heads * head_dim, E] output weight spares XLA:CPU a transpose of wo
+per token; and packed weights (`DecodeWeight`) let the native small-matmul kernel
+(`model/cpu_kernels.py`) read each weight once.
 `decode_step` computes what `Transformer.decode` does, op for op but in this layout.
 """
 
@@ -151,4 +153,13 @@ def decoder(model: Transformer, rows: int) -> Callable:
     -> (logits, cache)`, as `Transformer.decode`. Call it outside the loop, under the loop's jit."""
     if jax.default_backend() != "cpu":  # accelerators read the stacked weights in place: one copy of them
         return model.decode
-    return functools.partial(decode_step, model, decode_layers(model, rows))
+    cpu_step = functools.partial(decode_step, model, decode_layers(model, rows))
+
+    def decode(tokens, positions, page_table, lengths, cache, num_new=None):
+        # A program lowered here for accelerators as well (`ponder export search`) runs the stacked
+        # layout there; lowering for CPU alone keeps only `cpu_step` (the layout above is then unused
+        # elsewhere, and XLA drops it).
+        return jax.lax.platform_dependent(tokens, positions, page_table, lengths, cache, num_new,
+                                          cpu=cpu_step, default=model.decode)
+
+    return decode

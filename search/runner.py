@@ -143,18 +143,22 @@ class Searcher:
     """Runs searches on batches, compiling ahead of time once per (spec, batch shape).
 
     `compiled` may be shared between searchers whose models differ only in params (they are
-    inputs of the program, not constants).
+    inputs of the program, not constants). `programs(spec, shape)`, when given, is the search
+    to compile in place of tracing `run_search` with `models` (None then): a program exported
+    beforehand (`search.export.SearchArtifact.program`), with `run_search`'s arguments.
     """
 
-    def __init__(self, models: Models, params, scorer_params, mesh):
+    def __init__(self, models: Models | None, params, scorer_params, mesh,
+                 programs: Callable[[SearchSpec, tuple[int, ...]], Callable] | None = None):
         self.models, self.params, self.scorer_params, self.mesh = models, params, scorer_params, mesh
+        self.programs = programs
         self.compiled: dict = {}
         self.compile_seconds = 0.0
 
     def __call__(self, spec: SearchSpec, batch: Batch, seed: int):
         """(state, chosen, seconds) for one batch, as numpy without the page pools; seconds excludes compiling."""
         keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), batch.lines)
-        if self.models.scorer.oracle:
+        if self.models is not None and self.models.scorer.oracle:
             self.models.scorer.problems = [problem for _, problem in batch.rows]
             self.models.scorer.problems += [batch.rows[0][1]] * (len(batch.lines) - len(batch.rows))
         inputs = (self.params, self.scorer_params, batch.tokens, batch.lengths, keys)
@@ -162,7 +166,11 @@ class Searcher:
             signature = (spec, batch.tokens.shape)
             if signature not in self.compiled:
                 start = time.perf_counter()
-                self.compiled[signature] = jit_search().lower(spec, self.models, *inputs).compile()
+                if self.programs is None:
+                    lowered = jit_search().lower(spec, self.models, *inputs)
+                else:
+                    lowered = jax.jit(self.programs(*signature)).lower(*inputs)
+                self.compiled[signature] = lowered.compile()
                 self.compile_seconds += time.perf_counter() - start
             start = time.perf_counter()
             state, chosen = jax.block_until_ready(self.compiled[signature](*inputs))

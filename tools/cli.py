@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"ponder {_package_version()}")
+    parser.add_argument("--version", action="version", version=f"ponder {package_version()}")
     parser.add_argument(
         "--devices",
         type=_positive_int,
@@ -191,7 +191,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _package_version() -> str:
+def package_version() -> str:
+    """The installed ponder's version (what `--version` prints and exports record)."""
     try:
         return version("ponder")
     except PackageNotFoundError:

@@ -281,17 +281,7 @@ def read_params(path: str | Path, abstract_params: Any, *, allow_missing: bool =
     `abstract_params` has and the checkpoint lacks (a fresh value head) raise CheckpointError,
     unless `allow_missing`: then they come back as their ShapeDtypeStructs, for `init_state` to fill.
     """
-    path = run_path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    if (path / "checkpoints").is_dir():  # a run directory
-        path = path / "checkpoints"
-    if (path / "state").is_dir():
-        step_dirs = [path]
-    else:
-        step_dirs = sorted((p for p in path.iterdir() if p.name.isdigit() and p.is_dir()), key=lambda p: int(p.name))
-    if not step_dirs:
-        raise CheckpointError(f"{path}: neither a checkpoint step (no state/) nor a directory of steps")
+    path, step_dirs = _step_dirs(path)
     item = {"params": abstract_params}
     restore_args = {"params": ocp.checkpoint_utils.construct_restore_args(abstract_params)}
     args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
@@ -305,6 +295,32 @@ def read_params(path: str | Path, abstract_params: Any, *, allow_missing: bool =
     if missing and not allow_missing:
         raise CheckpointError(f"{path}: the checkpoint has no {', '.join(missing)} (a different model config?)")
     return step_dir, params
+
+
+def saved_param_shapes(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{dotted name: (shape, dtype)} of the params saved in the newest step `load_params(path, ...)` would
+    look at first, from its metadata alone (nothing is read), to name what does not fit before restoring."""
+    path, step_dirs = _step_dirs(path)
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        saved = checkpointer.metadata(step_dirs[-1] / "state").item_metadata["params"]
+    return {jax.tree_util.keystr(key, simple=True, separator="."): (tuple(leaf.shape), str(leaf.dtype))
+            for key, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
+
+
+def _step_dirs(path: str | Path) -> tuple[Path, list[Path]]:
+    """(the directory of steps, its step directories oldest first) of a run dir, checkpoints/ or one step dir."""
+    path = run_path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if (path / "checkpoints").is_dir():  # a run directory
+        path = path / "checkpoints"
+    if (path / "state").is_dir():
+        step_dirs = [path]
+    else:
+        step_dirs = sorted((p for p in path.iterdir() if p.name.isdigit() and p.is_dir()), key=lambda p: int(p.name))
+    if not step_dirs:
+        raise CheckpointError(f"{path}: neither a checkpoint step (no state/) nor a directory of steps")
+    return path, step_dirs
 
 
 def missing_params(params: Any) -> list[str]:
