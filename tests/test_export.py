@@ -138,6 +138,17 @@ def test_a_reward_model_exports_its_value_head_beside_the_weights_and_refuses_lm
     assert "value_head" in json.loads((tmp_path / "hf" / "ponder_export.json").read_text())["value_head"]
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert hf.dtype == torch.bfloat16
+    # the documented score: the head on transformers' last (final-normed) hidden state
+    tokens = np.random.default_rng(1).integers(3, 259, (2, 16))
+    export_hf(run, tmp_path / "hf32", dtype="float32")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf32").eval()
+    with torch.no_grad():
+        hidden = hf.model(torch.tensor(tokens)).last_hidden_state[:, -1].numpy()
+    hf_score = 1 / (1 + np.exp(-(hidden @ head["value_head.weight"].astype(np.float32) + head["value_head.bias"])))
+    model = _ponder_model(cfg, params)
+    ours = np.asarray(jax.nn.sigmoid(model.value(model.hidden(jnp.asarray(tokens)))[:, -1]))
+    assert np.abs(ours - 0.5).max() > 1e-3  # scores that say something
+    np.testing.assert_allclose(hf_score, ours, atol=1e-5)
 
 
 def _hf_llama(tied: bool, kv_heads: int, rope_scaling: bool) -> LlamaForCausalLM:
