@@ -8,7 +8,7 @@ from flax import nnx
 
 from configs.schema import ModelConfig
 from model import create_model, init_cache
-from model.decode import decode_step, decoder
+from model.decode import decode_layers, decode_step, decoder
 
 CFG = ModelConfig(vocab_size=384, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128)
 PAGE_SIZE = 4
@@ -135,13 +135,13 @@ def test_the_cpu_decode_layout_computes_what_decode_does(model, rows):
     writing = jnp.asarray(rng.permutation(rows) > 0, jnp.int32)  # one row writes nothing
 
     @nnx.jit
-    def both(model, cache):
-        step = decoder(model, rows)
-        assert step.func is decode_step  # CPU: the decode layout, chosen here
-        return step(tokens, lengths[:, None], table, lengths, cache, writing), model.decode(
-            tokens, lengths[:, None], table, lengths, cache, writing)
+    def three(model, cache):
+        args = (tokens, lengths[:, None], table, lengths, cache, writing)
+        layout = decode_step(model, decode_layers(model, rows), *args)  # the CPU layout, called directly
+        return decoder(model, rows)(*args), layout, model.decode(*args)
 
-    (got, got_cache), (want, want_cache) = both(model, cache)
+    (got, got_cache), (layout, _), (want, want_cache) = three(model, cache)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(layout))  # on CPU the decoder runs the layout
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(got_cache.k), np.asarray(want_cache.k), atol=1e-5)
     np.testing.assert_allclose(np.asarray(got_cache.v), np.asarray(want_cache.v), atol=1e-5)

@@ -108,10 +108,9 @@ def tree_bytes(path) -> int:
         local = Path(path)
         return local.stat().st_size if local.is_file() else sum(
             f.stat().st_size for f in local.rglob("*") if f.is_file())
-    total = 0
-    for root, _, files in path.walk():
-        total += sum(_file_bytes(root / name) for name in files)
-    return total
+    if path.is_file():
+        return _file_bytes(path)
+    return sum(tree_bytes(child) for child in path.iterdir())
 
 
 def _file_bytes(path) -> int:
