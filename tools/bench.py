@@ -76,8 +76,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export = commands.add_parser(
         "export",
         help="time and size of params-only and HuggingFace exports and of an HF import",
-        description="Builds the config's model (default `small`) with fresh params, saves a full train "
-        "state (params and AdamW moments) as `ponder train` does, then times `export params` "
+        description="Builds the config's model (default `small`) with fresh params and random AdamW "
+        "moments (fresh ones are zeros, which orbax compresses away), saves the full train state as "
+        "`ponder train` does, then times `export params` "
         "(float32 and bfloat16), `export hf` (float32 and bfloat16) and `import hf` of the float32 "
         "export, each the best of REPEATS into a fresh directory under --dir (default: a temporary "
         "directory, removed at the end), and prints each output's size against the full checkpoint.",
@@ -223,6 +224,7 @@ def run_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import jax
+    import jax.numpy as jnp
 
     from model.sharding import make_mesh
     from train.checkpoint import Checkpoints
@@ -234,6 +236,14 @@ def run_export(args: argparse.Namespace) -> int:
     run_dir = base / "run"
     mesh = make_mesh(cfg.mesh)
     state = init_state(cfg, state_layout(cfg, mesh), mesh)
+    # Fresh AdamW moments are zeros, which orbax's compression shrinks to nothing; a trained run's
+    # are dense floats, so give them random values to measure what a real checkpoint weighs.
+    leaves, treedef = jax.tree.flatten(state["opt_state"])
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    state["opt_state"] = treedef.unflatten([
+        jax.device_put(jax.random.normal(key, leaf.shape, leaf.dtype) * 1e-3, leaf.sharding)
+        if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.ndim else leaf
+        for key, leaf in zip(keys, leaves, strict=True)])
     with Checkpoints(run_dir / "checkpoints", save_every=1, keep=1, async_save=False) as checkpoints:
         checkpoints.save(1, state, config=cfg, force=True)
     from configs.load import save_config
