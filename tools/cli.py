@@ -31,6 +31,7 @@ SINGLE_HOST = {
     "vocab": "it trains a vocabulary from local files",
     "reward data": "labelling samples problems in small host-side batches and appends to one local file",
     "reward eval": "it scores a local reward data file",
+    "import": "it reads a local HuggingFace directory into a local run directory",
 }
 
 # Module names under tools/, in the order --help lists them.
