@@ -190,7 +190,7 @@ def test_import_hf_matches_transformers(tmp_path, tied, kv_heads, rope_scaling, 
 
 
 def test_an_imported_model_trains_and_searches_with_its_own_tokenizer(tmp_path):
-    from model.hf_tokenizer import write_tokenizer
+    from train.data.hf_tokenizer import write_tokenizer
 
     hf = _hf_llama(tied=False, kv_heads=2, rope_scaling=True)
     hf.save_pretrained(tmp_path / "hf")

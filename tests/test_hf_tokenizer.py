@@ -10,10 +10,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer
 
 from configs.schema import DataConfig
-from model.hf_tokenizer import TokenizerJsonVocabulary, write_tokenizer
 from tasks import TASKS
 from tasks.base import solution_text
 from train.data import Pipeline, get_vocabulary, train_sentencepiece
+from train.data.hf_tokenizer import TokenizerJsonVocabulary, write_tokenizer
 from train.data.sources import register_component
 from train.data.tf_cpu import tf
 from train.data.vocab import vocab_id

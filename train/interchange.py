@@ -189,7 +189,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, step: int | None = Non
     goes to VALUE_HEAD_FILE beside the weights; `lm_only` refuses a reward model rather than
     drop its head silently. Every process reads (gathers) each tensor; process 0 writes.
     """
-    from model.hf_tokenizer import write_tokenizer
+    from train.data.hf_tokenizer import write_tokenizer
 
     start = time.perf_counter()
     out = run_path(out)

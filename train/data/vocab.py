@@ -20,7 +20,7 @@ def get_vocabulary(spec: str) -> seqio.Vocabulary:
     if spec == "byte":
         return seqio.ByteVocabulary()
     if tokenizer_json := hf_tokenizer_file(spec):
-        from model.hf_tokenizer import TokenizerJsonVocabulary
+        from train.data.hf_tokenizer import TokenizerJsonVocabulary
 
         return TokenizerJsonVocabulary(tokenizer_json)
     path = Path(spec)
