@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from configs.fileio import atomic_path, is_remote, run_path
 from configs.load import load_config, save_config
@@ -204,18 +205,26 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, step: int | None = Non
     dtype = dtype or model.param_dtype
     step_number = int(run.step_dir.name)
     read = hf_tensor_reader(run.params, model, fetch=host_values)
+    entries = hf_entries(model)
+    bar = tqdm(total=len(entries), unit="tensor", desc="export hf", leave=False, disable=not _is_writer())
+
+    def read_one(name: str):
+        value = read(name)
+        bar.update()
+        return value
+
     written: list[str] = []
-    with atomic_path(out, directory=True) if _is_writer() else _nothing() as tmp:
+    with bar, atomic_path(out, directory=True) if _is_writer() else _nothing() as tmp:
         tmp = Path(tmp) if tmp is not None else None
-        weight_map = write_sharded(hf_entries(model), read, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                                   metadata={"format": "pt"})
+        write_sharded(entries, read_one, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                      metadata={"format": "pt"})
         if model.value_head:
             head = host_values(run.params["value_head"])
             entries = [("value_head.weight", (model.embed_dim,)), ("value_head.bias", ())]
             values = {"value_head.weight": head["w"], "value_head.bias": head["b"]}
             write_file(tmp / VALUE_HEAD_FILE if tmp else None, entries, values.__getitem__, dtype="float32")
         if tmp is not None:
-            vocab_files = write_tokenizer(cfg.data.vocab, tmp, model_max_length=model.max_seq_len)
+            write_tokenizer(cfg.data.vocab, tmp, model_max_length=model.max_seq_len)
             # No pad_token_id for generation: ponder's BOS is id 0, the pad id, and transformers would
             # mask a leading pad out of an input given without an attention mask.
             _write_json(tmp / "config.json", config_to_hf(model, dtype=dtype) | {"pad_token_id": None})
@@ -226,7 +235,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, step: int | None = Non
                 "value_head": (f"{VALUE_HEAD_FILE}: value_head.weight [hidden_size] and value_head.bias [] (float32); "
                                "score of a sequence = sigmoid(final-normed hidden state of its last token . weight "
                                "+ bias)") if model.value_head else None})
-            written = sorted(set(weight_map.values())) + sorted(vocab_files)
+            written = sorted(path.name for path in tmp.iterdir())
     _barrier("ponder-export-hf")
     return Written(out, step_number, tree_bytes(out) if _is_writer() else 0, time.perf_counter() - start,
                    source_bytes=tree_bytes(run.step_dir), files=written)
