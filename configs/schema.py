@@ -67,6 +67,7 @@ class ModelConfig(Strict):
     scan_layers: bool = True
     remat: Literal["none", "full", "save_dots"] = "none"
     attention: Literal["auto", "xla", "cudnn"] = "xla"
+    loss_vocab_chunk: int = Field(0, ge=0)
     value_head: bool = False
 
     @model_validator(mode="after")
@@ -79,6 +80,8 @@ class ModelConfig(Strict):
             raise ValueError(
                 f"embed_dim ({self.embed_dim}) is not divisible by num_heads ({self.num_heads}); set head_dim"
             )
+        if self.loss_vocab_chunk and self.vocab_size % self.loss_vocab_chunk:
+            raise ValueError(f"loss_vocab_chunk ({self.loss_vocab_chunk}) must divide vocab_size ({self.vocab_size})")
         if self.resolved_head_dim % 2:
             raise ValueError(f"head_dim ({self.resolved_head_dim}) must be even for rotary embeddings")
         return self

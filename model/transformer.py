@@ -227,9 +227,13 @@ class Transformer(nnx.Module):
                 (x, carry), _ = body((x, carry), jax.tree.map(lambda a, i=i: a[i], (stacked, layers)))
         return x, carry
 
+    def output_head(self) -> jax.Array:
+        """The LM head [E, V]: lm_head, or the transposed embedding when tied."""
+        return self.embed[...].T if self.lm_head is None else self.lm_head[...]
+
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM logits, float32. hidden: [B, T, E] (after the final norm) -> [B, T, V]."""
-        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        head = self.output_head()
         out = jnp.einsum("bte,ev->btv", hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
         return constrain(out, ("batch", "length", "vocab"), self.rules)
 

@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from model.losses import chunked_token_loss
 from model.sharding import Rules, batch_sharding, constrain
 from train.state import StateLayout, TrainState
 
@@ -27,10 +28,14 @@ FLOAT_FEATURES = ("loss_mask", "labels", "label_mask")
 def token_losses(graphdef: nnx.GraphDef, params: dict, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(sum of masked token losses, sum of the mask, masked count of correct argmax predictions)."""
     model = nnx.merge(graphdef, params)
+    mask = batch["loss_mask"]
+    if model.cfg.loss_vocab_chunk:  # blocks over the vocabulary: no [B, T, V] float32 logits at once
+        hidden = model.hidden(batch["tokens"], batch["positions"], batch["segment_ids"])
+        nll, correct = chunked_token_loss(hidden, model.output_head(), batch["targets"], model.cfg.loss_vocab_chunk)
+        return jnp.sum(nll * mask), jnp.sum(mask), jnp.sum(correct.astype(jnp.float32) * mask)
     logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     target_log_probs = jnp.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
-    mask = batch["loss_mask"]
     correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
     return -jnp.sum(target_log_probs * mask), jnp.sum(mask), jnp.sum(correct * mask)
 
