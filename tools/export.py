@@ -86,12 +86,13 @@ def _source_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_hf(args: argparse.Namespace) -> int:
     """Exports a HuggingFace directory and reports its files and size."""
+    from train.checkpoint import CheckpointError
     from train.interchange import InterchangeError, export_hf
 
     try:
         written = export_hf(args.checkpoint, args.out, step=args.step, dtype=args.dtype,
                             max_shard_bytes=args.shard_size, lm_only=args.lm_only)
-    except (InterchangeError, ValueError) as err:
+    except (InterchangeError, CheckpointError, ValueError) as err:
         return _error("export hf", str(err))
     report(f"wrote {written.out}: step {written.step}, {len(written.files)} files, {_size(written.bytes)} "
            f"in {written.seconds:.1f} s")
@@ -100,11 +101,12 @@ def run_hf(args: argparse.Namespace) -> int:
 
 def run_params(args: argparse.Namespace) -> int:
     """Exports a params-only checkpoint and reports its size against the full one."""
+    from train.checkpoint import CheckpointError
     from train.interchange import InterchangeError, export_params
 
     try:
         written = export_params(args.checkpoint, args.out, step=args.step, dtype=args.dtype)
-    except InterchangeError as err:
+    except (InterchangeError, CheckpointError) as err:
         return _error("export params", str(err))
     report(f"wrote {written.out}: step {written.step}, params only, {_size(written.bytes)} "
            f"({written.bytes / max(written.source_bytes, 1):.0%} of the full checkpoint's "

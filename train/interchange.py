@@ -41,7 +41,8 @@ from model.hf import (
     hf_tensor_reader,
 )
 from model.safetensors_io import SafetensorsDir, SafetensorsError, write_file, write_sharded
-from train.checkpoint import Checkpoints, find_run_config, read_params
+from train.checkpoint import Checkpoints
+from train.policy import Policy, load_policy
 from train.state import state_layout
 
 VALUE_HEAD_FILE = "value_head.safetensors"  # a reward model's head: score = sigmoid(hidden[-1] @ weight + bias)
@@ -67,34 +68,15 @@ class Written:
     files: list[str] = dataclasses.field(default_factory=list)
 
 
-@dataclasses.dataclass
-class LoadedRun:
-    cfg: Config
-    step_dir: Any
-    params: Any
-
-
-def load_run(checkpoint: str | Path, *, step: int | None = None, config: str | None = None,
-             overrides: tuple[str, ...] = (), mesh=None) -> LoadedRun:
+def load_run(checkpoint: str | Path, *, step: int | None = None) -> Policy:
     """The config and newest readable params (or step `step`) of a run dir, its checkpoints/ or a step dir."""
-    from model.sharding import make_mesh
-
     path = run_path(checkpoint)
-    if not path.is_dir():
-        raise InterchangeError(f"{path}: no such checkpoint directory")
-    config_path = config or find_run_config(path)
-    if config_path is None:
-        raise InterchangeError(f"no config.yaml in {path} or the run directory above it; pass --config")
     if step is not None:
         steps = path / "checkpoints" if (path / "checkpoints").is_dir() else path
         path = steps / str(step)
         if not (path / "state").is_dir():
             raise InterchangeError(f"{steps}: no checkpoint step {step}")
-    cfg = load_config(config_path, list(overrides))
-    mesh = mesh or make_mesh(cfg.mesh)
-    layout = state_layout(cfg, mesh)
-    step_dir, params = read_params(path, layout.abstract["params"])
-    return LoadedRun(cfg, step_dir, params)
+    return load_policy(path)
 
 
 def _refuse_existing(out) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from configs.fileio import run_path
 from configs.load import load_config
 from configs.schema import Config
-from train.checkpoint import find_run_config, load_params
+from train.checkpoint import find_run_config, read_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +25,7 @@ class Policy:
     """A loaded policy run: its config, model structure, params (sharded on `mesh`) and vocabulary."""
 
     checkpoint: Path
+    step_dir: Path  # the step read (the newest readable one, unless a step dir was given)
     cfg: Config
     graphdef: Any
     params: Any
@@ -52,5 +53,5 @@ def load_policy(checkpoint: str | Path, config: str | Path | None = None, overri
     cfg = load_config(config, list(overrides))
     mesh = mesh or make_mesh(cfg.mesh)
     layout = state_layout(cfg, mesh)
-    params = load_params(checkpoint, layout.abstract["params"])
-    return Policy(checkpoint, cfg, layout.graphdef, params, mesh, get_vocabulary(cfg.data.vocab))
+    step_dir, params = read_params(checkpoint, layout.abstract["params"])
+    return Policy(checkpoint, step_dir, cfg, layout.graphdef, params, mesh, get_vocabulary(cfg.data.vocab))
