@@ -163,7 +163,7 @@ def installed_versions() -> dict[str, str]:
             return "none"
 
     return {"python": platform.python_version(), "jax": of("jax"), "jaxlib": of("jaxlib"), "libtpu": of("libtpu"),
-            "ponder": _ponder_version()}
+            "ponder": ponder_version()}
 
 
 def check_shared_directory(directory: str | os.PathLike) -> None:
@@ -259,7 +259,8 @@ def _integer(value, name: str) -> int:
         raise DistributedError(f"the {name} must be an integer, got {value!r}") from None
 
 
-def _ponder_version() -> str:
+def ponder_version() -> str:
+    """The installed ponder's version as hosts compare it and exports record it ("unknown" if not installed)."""
     try:
         return version("ponder")
     except PackageNotFoundError:

@@ -116,7 +116,7 @@ def config_from_hf(config: Mapping[str, Any], **overrides: Any) -> ModelConfig:
 
 
 def config_to_hf(cfg: ModelConfig, *, dtype: str = "float32", bos_id: int = 0, eos_id: int = 1,
-                 pad_id: int = 0) -> dict[str, Any]:
+                 pad_id: int | None = 0) -> dict[str, Any]:
     """A HF `config.json` (LlamaForCausalLM) describing the same model; `LlamaConfig(**it)` builds it.
 
     RoPE is written the transformers 4.x way (rope_theta, rope_scaling), which 5.x also reads.
@@ -210,9 +210,10 @@ def from_hf_state_dict(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict:
     for name, path, (to_ponder, _) in global_entries:
         _set(params, path, to_ponder(array(name)))
     for name, path, (to_ponder, _) in layer_entries:
-        stacked = np.empty((cfg.num_layers, *to_ponder(np.zeros(expected[f"model.layers.0.{name}"])).shape),
-                           np.float32)
-        for i in range(cfg.num_layers):
+        first = to_ponder(array(f"model.layers.0.{name}"))
+        stacked = np.empty((cfg.num_layers, *first.shape), np.float32)  # filled layer by layer: no second copy
+        stacked[0] = first
+        for i in range(1, cfg.num_layers):
             stacked[i] = to_ponder(array(f"model.layers.{i}.{name}"))
         _set(params, ("blocks", *path), stacked)
     return params

@@ -193,7 +193,7 @@ def _positive_int(text: str) -> int:
 
 
 def package_version() -> str:
-    """The installed ponder's version (what `--version` prints and exports record)."""
+    """The installed ponder's version as `--version` prints it (without importing jax, unlike model.distributed)."""
     try:
         return version("ponder")
     except PackageNotFoundError:

@@ -43,12 +43,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Exports the search program."""
     from configs.fileio import atomic_path, run_path
+    from model.distributed import ponder_version
     from model.sharding import make_mesh
     from search import runner
     from search.export import ArtifactError, export_search, prompt_widths, write_artifact
     from search.spec import STRATEGIES, spec_from_config
     from search.state import Models
-    from tools.cli import package_version
     from tools.search import search_config
     from train.checkpoint import find_run_config
     from train.data import get_vocabulary
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         shards = runner.batch_shards(cfg, mesh)
         batch_size = -(-search_cfg.batch_size // shards) * shards
         widths = prompt_widths(search_cfg.prompt_buckets, search_cfg.max_len, search_cfg.max_step_tokens)
-        info = {"ponder": package_version(), "config": cfg.model_dump(mode="json"),
+        info = {"ponder": ponder_version(), "config": cfg.model_dump(mode="json"),
                 "vocab": vocab_id(cfg.data.vocab), "checkpoint": str(checkpoint)}
         artifact = export_search(spec, Models(layout.graphdef, cfg.model, scorer), layout.abstract["params"],
                                  scorer_params, mesh, batch_size, widths, platforms, info)

@@ -13,12 +13,12 @@ last); an existing `out` is never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
 import time
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from tqdm import tqdm
 from configs.fileio import atomic_path, is_remote, run_path
 from configs.load import load_config, save_config
 from configs.schema import Config
-from model.distributed import host_values
+from model.distributed import host_values, ponder_version
 from model.hf import (
     ARCHITECTURE_FIELDS,
     config_from_hf,
@@ -87,18 +87,9 @@ def _refuse_existing(out) -> None:
 def tree_bytes(path) -> int:
     """Bytes of the files under `path` (local or on a bucket)."""
     path = run_path(path)
-    if not is_remote(path):
-        local = Path(path)
-        return local.stat().st_size if local.is_file() else sum(
-            f.stat().st_size for f in local.rglob("*") if f.is_file())
     if path.is_file():
-        return _file_bytes(path)
+        return path.stat().length
     return sum(tree_bytes(child) for child in path.iterdir())
-
-
-def _file_bytes(path) -> int:
-    stat = path.stat()
-    return getattr(stat, "length", None) or getattr(stat, "st_size", 0)
 
 
 def _is_writer() -> bool:
@@ -196,7 +187,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, step: int | None = Non
         return value
 
     written: list[str] = []
-    with bar, atomic_path(out, directory=True) if _is_writer() else _nothing() as tmp:
+    with bar, atomic_path(out, directory=True) if _is_writer() else contextlib.nullcontext() as tmp:
         tmp = Path(tmp) if tmp is not None else None
         write_sharded(entries, read_one, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes,
                       metadata={"format": "pt"})
@@ -209,10 +200,10 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, step: int | None = Non
             write_tokenizer(cfg.data.vocab, tmp, model_max_length=model.max_seq_len)
             # No pad_token_id for generation: ponder's BOS is id 0, the pad id, and transformers would
             # mask a leading pad out of an input given without an attention mask.
-            _write_json(tmp / "config.json", config_to_hf(model, dtype=dtype) | {"pad_token_id": None})
+            _write_json(tmp / "config.json", config_to_hf(model, dtype=dtype, pad_id=None))
             _write_json(tmp / "generation_config.json", {"bos_token_id": 0, "eos_token_id": 1, "do_sample": False})
             _write_json(tmp / EXPORT_INFO_FILE, {
-                "source": str(run.step_dir), "step": step_number, "ponder": _ponder_version(),
+                "source": str(run.step_dir), "step": step_number, "ponder": ponder_version(),
                 "dtype": dtype, "vocab": cfg.data.vocab,
                 "value_head": (f"{VALUE_HEAD_FILE}: value_head.weight [hidden_size] and value_head.bias [] (float32); "
                                "score of a sequence = sigmoid(final-normed hidden state of its last token . weight "
@@ -223,23 +214,8 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, step: int | None = Non
                    source_bytes=tree_bytes(run.step_dir), files=written)
 
 
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
 def _write_json(path: Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n")
-
-
-def _ponder_version() -> str:
-    try:
-        return version("ponder")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 # -- HuggingFace import --
