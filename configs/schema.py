@@ -66,7 +66,8 @@ class ModelConfig(Strict):
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     scan_layers: bool = True
     remat: Literal["none", "full", "save_dots"] = "none"
-    attention: Literal["auto", "xla", "cudnn"] = "xla"
+    attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
+    decode_attention: Literal["auto", "xla", "pallas"] = "auto"
     loss_vocab_chunk: int = Field(0, ge=0)
     value_head: bool = False
 
@@ -164,6 +165,7 @@ class OptimizerConfig(Strict):
     decay_norms: bool = False
     decay_embeddings: bool = False
     grad_clip_norm: float = Field(1.0, ge=0)
+    master_weights: bool = False
 
 
 class TrainConfig(Strict):
