@@ -364,6 +364,10 @@ class Config(Strict):
         if rl.max_prompt_len + rl.max_new_tokens > self.model.max_seq_len:
             raise ValueError(f"rl.max_prompt_len + rl.max_new_tokens ({rl.max_prompt_len + rl.max_new_tokens}) "
                              f"exceeds model.max_seq_len ({self.model.max_seq_len})")
+        if self.optimizer.master_weights and self.model.param_dtype == "float32":
+            raise ValueError("optimizer.master_weights keeps float32 copies of bfloat16 params; with "
+                             "model.param_dtype: float32 the params are that copy already. Set "
+                             "model.param_dtype=bfloat16 or optimizer.master_weights=false")
         if self.data.objective == "reward" and not (self.model.value_head and self.reward.data):
             raise ValueError("data.objective: reward trains the value head on reward.data: set model.value_head=true "
                              "and reward.data (a JSONL file from `ponder reward data`)")

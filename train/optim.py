@@ -1,8 +1,17 @@
-"""The optimizer: AdamW with warmup then decay, global-norm clipping and a weight-decay mask."""
+"""The optimizer: AdamW with warmup then decay, global-norm clipping and a weight-decay mask.
+
+With `optimizer.master_weights` (for `model.param_dtype=bfloat16`) the optimizer keeps a
+float32 master copy of the params and float32 moments; the bfloat16 params the model reads
+are that master rounded after every step (`apply_gradients`), so small updates accumulate in
+the master instead of vanishing in bfloat16 rounding.
+"""
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
+import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
@@ -46,7 +55,63 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int, params: dict) -> opta
         weight_decay=cfg.weight_decay, mask=mask,
     )
     clip = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
-    return optax.chain(*clip, adamw)
+    chain = optax.chain(*clip, adamw)
+    return float32_master(chain) if cfg.master_weights else chain
+
+
+class MasterState(NamedTuple):
+    """Optimizer state with float32 master params: `master` mirrors the params tree, `inner` is the wrapped state."""
+
+    master: Any
+    inner: Any
+
+
+def float32_master(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Runs `inner` on float32 copies of the params and gradients, whatever the params' storage dtype.
+
+    Its updates are meant for `apply_gradients`, which reads the new params from the master
+    copy; `optax.apply_updates` would round each update into the low-precision params instead.
+    """
+
+    def to_f32(tree):
+        return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+    def init(params):
+        master = to_f32(params)
+        return MasterState(master, inner.init(master))
+
+    def update(grads, state, params=None):
+        del params  # the master copy is what moves
+        updates, inner_state = inner.update(to_f32(grads), state.inner, state.master)
+        return updates, MasterState(optax.apply_updates(state.master, updates), inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def has_master(opt_state) -> bool:
+    """Whether an optimizer state keeps float32 master params (`optimizer.master_weights`)."""
+    return isinstance(opt_state, MasterState)
+
+
+def zero_gradients(params: dict, opt_state) -> dict:
+    """Zeros to accumulate gradients in: float32 when the optimizer keeps a master copy, else each param's dtype."""
+    if has_master(opt_state):
+        return jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    return jax.tree.map(jnp.zeros_like, params)
+
+
+def apply_gradients(optimizer: optax.GradientTransformation, grads: dict, opt_state, params: dict):
+    """One optimizer step: (new params, new optimizer state).
+
+    With a master copy the new params are the updated master cast to each param's dtype;
+    otherwise `params + updates` as optax applies them.
+    """
+    if not has_master(opt_state):
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    if has_master(opt_state):
+        return jax.tree.map(lambda m, p: m.astype(p.dtype), opt_state.master, params), opt_state
+    return optax.apply_updates(params, updates), opt_state
 
 
 def global_norm(tree) -> jax.Array:

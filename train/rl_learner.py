@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from configs.schema import Config
 from model.distributed import host_values
 from model.sharding import batch_sharding, constrain
-from train.optim import learning_rate_schedule
+from train.optim import apply_gradients, learning_rate_schedule, zero_gradients
 from train.rl_examples import TrainExamples
 from train.rl_loss import LossSettings, policy_loss_sums, token_logprobs_and_entropy
 from train.state import StateLayout, state_layout
@@ -189,17 +189,17 @@ class Learner:
             def accumulate(carry, micro):
                 grads, totals = carry
                 (_, out), micro_grads = jax.value_and_grad(sums, has_aux=True)(params, micro)
-                return (jax.tree.map(jnp.add, grads, micro_grads), jax.tree.map(jnp.add, totals, out)), None
+                grads = jax.tree.map(lambda g, m: g + m.astype(g.dtype), grads, micro_grads)
+                return (grads, jax.tree.map(jnp.add, totals, out)), None
 
             zero_sums = {k: jnp.zeros(()) for k in ("loss", "denominator", "tokens", "kl", "clipped", "ratio",
                                                     "entropy")}
-            carry = (jax.tree.map(jnp.zeros_like, params), zero_sums)
+            carry = (zero_gradients(params, state["opt_state"]), zero_sums)
             (grads, totals), _ = jax.lax.scan(accumulate, carry, jax.tree.map(lambda x: _split(x, parts, rules), batch))
             denominator = jnp.maximum(totals["denominator"], 1.0)
             grads = jax.tree.map(lambda g: g / denominator, grads)
             loss, grad_norm = totals["loss"] / denominator, optax.tree.norm(grads)
-            updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-            new_params = optax.apply_updates(params, updates)
+            new_params, opt_state = apply_gradients(optimizer, grads, state["opt_state"], params)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
             keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
             new_state = {"params": jax.tree.map(keep, new_params, params),

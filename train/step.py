@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.losses import chunked_token_loss
 from model.sharding import Rules, batch_sharding, constrain
+from train.optim import apply_gradients, zero_gradients
 from train.state import StateLayout, TrainState
 
 BATCH_FEATURES = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
@@ -86,18 +87,16 @@ def make_train_step(layout: StateLayout, schedule: optax.Schedule, microbatches:
         def accumulate(carry, micro):
             grads, loss_sum, count, correct = carry
             (m_loss, (m_count, m_correct)), m_grads = jax.value_and_grad(loss_sums, has_aux=True)(params, micro)
-            grads = jax.tree.map(jnp.add, grads, m_grads)
+            grads = jax.tree.map(lambda g, m: g + m.astype(g.dtype), grads, m_grads)
             return (grads, loss_sum + m_loss, count + m_count, correct + m_correct), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        carry = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
+        carry = (zero_gradients(params, state["opt_state"]), jnp.zeros(()), jnp.zeros(()), jnp.zeros(()))
         (grads, loss_sum, count, correct), _ = jax.lax.scan(accumulate, carry, jax.tree.map(split, batch))
         denominator = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denominator, grads)
         loss, grad_norm = loss_sum / denominator, optax.tree.norm(grads)
 
-        updates, opt_state = layout.optimizer.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
+        new_params, opt_state = apply_gradients(layout.optimizer, grads, state["opt_state"], params)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         new_state = {
