@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from configs.schema import ModelConfig, RopeScaling
+from model.attention import attention
 from model.paged import PagedKVCache, attend_paged, write_pages
 from model.sharding import Rules, constrain
 
@@ -80,7 +81,7 @@ def rope(x: jax.Array, positions: jax.Array, theta: float, scaling: RopeScaling 
 class Attention(nnx.Module):
     """Grouped-query attention with rotary embeddings."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rules: Rules = (), rngs: nnx.Rngs):
         e, n, k, d = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
         pdt = jnp.dtype(cfg.param_dtype)
         self.wq = _param(rngs, _fan_in(0, (1, 2)), (e, n, d), ("embed", "heads", "head_dim"), pdt)
@@ -88,7 +89,8 @@ class Attention(nnx.Module):
         self.wv = _param(rngs, _fan_in(0, (1, 2)), (e, k, d), ("embed", "kv_heads", "head_dim"), pdt)
         self.wo = _param(rngs, _fan_in((0, 1), 2), (n, d, e), ("heads", "head_dim", "embed"), pdt)
         self.rope_theta, self.rope_scaling = cfg.rope_theta, cfg.rope_scaling
-        self.implementation = None if cfg.attention == "auto" else cfg.attention
+        self.implementation, self.rules = cfg.attention, rules  # the kernel is chosen per call (model/attention.py)
+        self.decode_attention = cfg.decode_attention  # the paged decode kernel: model/paged.py attend_paged
 
     def _qkv(self, x: jax.Array, positions: jax.Array):
         dt = x.dtype
@@ -107,11 +109,7 @@ class Attention(nnx.Module):
         x: [B, T, E]; positions, segment_ids: [B, T].
         """
         q, k, v = self._qkv(x, positions)
-        mask = None
-        if segment_ids is not None:
-            mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # [B, 1, T, T]
-        attended = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=self.implementation)
-        return self._out(attended)
+        return self._out(attention(q, k, v, segment_ids, implementation=self.implementation, rules=self.rules))
 
     def paged(self, x, positions, layer, cache: PagedKVCache, page_table, lengths, num_new):
         """Attention for new tokens against a row's pages, writing their keys/values first.
@@ -120,7 +118,8 @@ class Attention(nnx.Module):
         """
         q, k, v = self._qkv(x, positions)
         cache = write_pages(cache, layer, k, v, page_table, lengths, num_new)
-        return self._out(attend_paged(q, cache, layer, page_table, lengths, num_new)), cache
+        attended = attend_paged(q, cache, layer, page_table, lengths, num_new, implementation=self.decode_attention)
+        return self._out(attended), cache
 
 
 class MLP(nnx.Module):
@@ -141,10 +140,10 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rules: Rules = (), rngs: nnx.Rngs):
         pdt = jnp.dtype(cfg.param_dtype)
         self.attn_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, param_dtype=pdt, rngs=rngs)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rules=rules, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.embed_dim, cfg.norm_eps, param_dtype=pdt, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
@@ -190,7 +189,7 @@ class Transformer(nnx.Module):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def stacked_blocks(rngs: nnx.Rngs) -> Block:
-            return Block(cfg, rngs=rngs)
+            return Block(cfg, rules=rules, rngs=rngs)
 
         self.blocks = stacked_blocks(rngs)
         self.final_norm = RMSNorm(e, cfg.norm_eps, param_dtype=pdt, rngs=rngs)
