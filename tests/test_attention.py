@@ -161,3 +161,35 @@ def test_attention_kernel_per_platform():
     kernel, why = attention_kernel(ModelConfig(attention="cudnn"), "cpu")
     assert kernel == "cudnn" and why.startswith("unavailable: model.attention=cudnn needs a CUDA GPU")
     assert attention_kernel(ModelConfig(attention="splash"), "gpu")[1].startswith("unavailable:")
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "one_sequence"])
+def test_cudnn_path_lowers_to_the_flash_kernel_for_cuda(monkeypatch, packed):
+    """Exported for cuda from this CPU machine: the flash custom calls, a bias only with segments.
+
+    jax asks the installed cuDNN for its version while tracing; there is none here, so that
+    query is stubbed, and the custom calls (no stability guarantee) are allowed explicitly.
+    """
+    import re
+
+    from jax import export
+    from jax._src.cudnn import fused_attention_stablehlo
+
+    from model.attention import _cudnn
+
+    monkeypatch.setattr(fused_attention_stablehlo, "check_cudnn_version", lambda: 91000)
+    q, k, v, segments = (jax.ShapeDtypeStruct(a.shape, a.dtype) for a in _inputs(2, 128, 4, 2, 64, jnp.bfloat16))
+
+    def grads(q, k, v, segments):
+        def loss(q, k, v):
+            return _cudnn(q, k, v, segments if packed else None, RULES).astype(jnp.float32).sum()
+
+        return jax.grad(loss, (0, 1, 2))(q, k, v)
+
+    calls = [f"__cudnn$fmha{bias}Softmax{bwd}" for bias in ("", "ScaleBias") for bwd in ("", "Backward")]
+    exported = export.export(jax.jit(grads), platforms=("cuda",),
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call(c) for c in calls])
+    module = exported(q, k, v, segments).mlir_module()
+    names = sorted(set(re.findall(r"custom_call @([\w$]+)", module)))
+    assert names == (calls[2:] if packed else calls[:2])
+    assert "is_flash_attention\\22: true" in module and "mask_type\\22: \\22CAUSAL\\22" in module
