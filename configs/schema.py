@@ -65,7 +65,7 @@ class ModelConfig(Strict):
     dtype: Literal["float32", "bfloat16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     scan_layers: bool = True
-    remat: Literal["none", "full", "save_dots"] = "none"
+    remat: Literal["none", "full", "save_dots", "save_qkv_proj", "save_qkv_attention"] = "none"
     attention: Literal["auto", "xla", "cudnn", "splash"] = "auto"
     decode_attention: Literal["auto", "xla", "pallas"] = "auto"
     loss_vocab_chunk: int = Field(0, ge=0)

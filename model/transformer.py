@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from configs.schema import ModelConfig, RopeScaling
 from model.attention import attention
@@ -98,9 +99,11 @@ class Attention(nnx.Module):
         k = jnp.einsum("bte,ekd->btkd", x, self.wk[...].astype(dt))
         v = jnp.einsum("bte,ekd->btkd", x, self.wv[...].astype(dt))
         q, k = (rope(a, positions, self.rope_theta, self.rope_scaling) for a in (q, k))
-        return q, k, v
+        # Names the remat policies `save_qkv_proj` / `save_qkv_attention` keep (no effect otherwise).
+        return checkpoint_name(q, "query_proj"), checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj")
 
     def _out(self, attended: jax.Array) -> jax.Array:
+        attended = checkpoint_name(attended, "attention_out")
         return jnp.einsum("btnd,nde->bte", attended, self.wo[...].astype(attended.dtype))
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
@@ -172,7 +175,12 @@ class ScalarHead(nnx.Module):
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # every weight matmul's output
+    # the rotated q, k and v: the backward pass recomputes attention and the MLP, not the projections
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
+    # and attention's output too: the backward pass recomputes only the MLP (and the out projection)
+    "save_qkv_attention": jax.checkpoint_policies.save_only_these_names(
+        "query_proj", "key_proj", "value_proj", "attention_out"),
 }
 
 
