@@ -6,10 +6,10 @@ Two kernels serve a decode step (`kernels/`, see each file's header):
 - `small_matmul.cc`: x @ w for at most 8 rows, reading each weight once from a copy packed
   strip by strip (`model/decode.py` makes it once per decode loop); XLA's Eigen GEMM packs
   the weight anew on every call.
-They are used only where they apply (`decode_attention_kernel_applies`, `kernels_may_run`):
-lowering for CPU, float32, and every device computing on its own rows. Everywhere else,
-TPU and GPU included, XLA's ops run (`model/paged.py: attend_paged_xla`, a plain dot),
-the kernels' references in the tests.
+They are used only where they apply (`decode_attention_unfit`, `kernels_may_run`):
+lowering for CPU, float32, and every device computing on its own rows. Everywhere else on
+CPU XLA's ops run (`model/paged.py: attend_paged_xla`, a plain dot), the kernels' references
+in the tests; TPU and GPU have their own decode kernels (`model/pallas_paged.py`).
 
 The sources are compiled into one library with the machine's C++ compiler (`$CXX`, else
 `c++`, `g++`) against the XLA FFI headers that ship with jaxlib, into
@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs.fileio import atomic_path
+from model.sharding import split_axes_left_to_xla
 
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = (KERNELS / "paged_attention.cc", KERNELS / "small_matmul.cc")
@@ -175,36 +176,44 @@ def _unavailable(reason: str) -> KernelStatus:
     return KernelStatus(False, reason)
 
 
-def decode_attention_kernel_applies(q, cache) -> bool:
-    """Whether `paged_decode_attention` may serve this attention when lowered for CPU.
+def decode_attention_unfit(q, cache) -> str | None:
+    """Why `paged_decode_attention` may not serve this attention when lowered for CPU; None if it may.
 
-    One new token per row, float32 queries and pools, CPU as JAX's default backend, and no
-    mesh axis of more than one device left to XLA's partitioner (outside a mesh, or inside
-    a `shard_map` that makes every such axis manual): a custom call has no sharding rule,
-    so XLA would gather the whole page pool onto every device for it.
+    It serves one new token per row, float32 queries and pools, where `kernels_unavailable` is None.
     """
-    if q.shape[1] != 1 or q.dtype != jnp.float32 or cache.k.dtype != jnp.float32:
-        return False
-    return kernels_may_run()
+    if q.shape[1] != 1:
+        return "more than one new token per row"
+    if q.dtype != jnp.float32 or cache.k.dtype != jnp.float32:
+        return "the native CPU kernel serves float32 only"
+    return kernels_unavailable()
 
 
 def kernels_may_run() -> bool:
     """CPU is JAX's default backend, every mesh axis of more than one device is manual, and the kernels built."""
-    if jax.default_backend() != "cpu":  # an accelerator host lowers for its accelerator: build nothing there
-        return False
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and any(size > 1 and name not in mesh.manual_axes for name, size in mesh.shape.items()):
-        return False
-    return status().available
+    return kernels_unavailable() is None
+
+
+def kernels_unavailable() -> str | None:
+    """Why the kernels may not run here, or None: CPU must be JAX's default backend (an accelerator
+    host lowers for its accelerator: build nothing there), no mesh axis of more than one device may
+    be left to XLA's partitioner (`split_axes_left_to_xla`: a custom call has no sharding rule), and
+    the kernels must have built."""
+    if jax.default_backend() != "cpu":
+        return f"JAX's default backend is {jax.default_backend()}, not CPU"
+    if axes := split_axes_left_to_xla():
+        return f"mesh axes {', '.join(axes)} are split by XLA's partitioner, and a custom call has no sharding rule"
+    kernels = status()
+    return None if kernels.available else kernels.detail
 
 
 def paged_decode_attention(q, cache, layer, page_table, lengths, num_new) -> jax.Array:
     """`attend_paged` for one new token per row, by the native kernel; same arguments and result.
 
-    q: [B, 1, heads, head_dim] float32. Lower for CPU only (see `model.paged.attend_paged`).
+    q: [B, 1, heads, head_dim] float32; the pools [kv_heads, layers, pages, page_size, head_dim]
+    are read in place. Lower for CPU only (see `model.paged.attend_paged`).
     """
     head_dim = q.shape[-1]
-    # The query at slot `lengths` sees slots 0..lengths, and none when the row writes nothing.
+    # The query at slot `lengths` sees slots 0..lengths; a row writing nothing sees 0..lengths - 1, as in XLA's.
     limits = jnp.minimum(lengths + 1, lengths + num_new).astype(jnp.int32)
     queries = q[:, 0]
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(queries.shape, jnp.float32), vmap_method="sequential")

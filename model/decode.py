@@ -140,7 +140,7 @@ def decode_step(model: Transformer, layers: tuple[DecodeLayer, ...], tokens, pos
         q, k, v = qkv[:, :, :heads], qkv[:, :, heads : heads + kv_heads], qkv[:, :, heads + kv_heads :]
         q, k = (rope(a, positions, cfg.rope_theta, cfg.rope_scaling) for a in (q, k))
         cache = write_pages(cache, i, k, v, page_table, lengths, num_new)
-        attended = attend_paged(q, cache, i, page_table, lengths, num_new)
+        attended = attend_paged(q, cache, i, page_table, lengths, num_new, implementation=cfg.decode_attention)
         x = x + decode_matmul(attended.reshape(*attended.shape[:2], -1), layer.out)
         gate, up = jnp.split(decode_matmul(rms_norm(x, layer.mlp_norm, cfg.norm_eps), layer.gate_up), 2, axis=-1)
         x = x + decode_matmul(jax.nn.silu(gate) * up, layer.down)

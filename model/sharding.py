@@ -124,3 +124,17 @@ def batch_sharding(mesh: Mesh, rules: Rules, shape: Sequence[int]) -> NamedShard
     """Sharding of a `[batch, length, ...]` input array: batch over the batch axes."""
     axes = ("batch", "length") + (None,) * (len(shape) - 2)
     return NamedSharding(mesh, logical_to_spec(axes[: len(shape)], rules, mesh, shape))
+
+
+def split_axes_left_to_xla() -> tuple[str, ...]:
+    """The current mesh's axes of more than one device that XLA's partitioner handles (not manual).
+
+    Empty outside a mesh, or inside a `shard_map` that makes every such axis manual: only then
+    does a custom call without a sharding rule (a `jax.ffi` kernel, a `pallas_call`) run on
+    each device's own data; otherwise XLA would gather its operands (a whole page pool) onto
+    every device for it.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    return tuple(name for name, size in mesh.shape.items() if size > 1 and name not in mesh.manual_axes)

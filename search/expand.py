@@ -22,7 +22,7 @@ from search.sampler import Generated, decode_loop
 from search.scorers import Steps
 from search.spec import SearchSpec
 from search.state import Models, SearchState
-from search.tree import Tree, allocate, copy_pages, release
+from search.tree import Tree, allocate, release
 
 
 @jax.tree_util.register_dataclass
@@ -100,7 +100,7 @@ def allocate_children(spec: SearchSpec, models: Models, state: SearchState, leav
     shares_page = (start % ps != 0) & valid
     parent_first = parent_table[jnp.arange(parent.shape[0]), first_page.clip(0, spec.pages_per_path - 1)]
     source = jnp.where(shares_page, parent_first, -1)
-    cache = copy_pages(state.cache, source, jnp.where(shares_page, pages[:, 0], -1))
+    cache = state.cache.copy_pages(source, jnp.where(shares_page, pages[:, 0], -1))
     scorer_cache = models.scorer.copy(state.scorer_cache, source, jnp.where(shares_page, pages[:, 0], -1))
 
     slot = jnp.tile(jnp.repeat(jnp.arange(k)[None, :], leaves_per_tree, axis=0).reshape(-1), batch)

@@ -18,8 +18,10 @@ The program is `run_search` for one (spec, [batch, width]) with the params as in
 constants) and the mesh's shardings in its signature, so it runs on a mesh of the same device
 count only. Keys go in as raw key data and the state comes out as plain dicts without its page
 pools: a serialized signature holds only arrays, tuples and dicts. Platform choices inside it
-are `lax.platform_dependent` (decode layout, paged attention, small matmuls), resolved when the
-loading machine compiles it. Two things it cannot hold: the ORACLE scorer's host callback
+are `lax.platform_dependent` (decode layout, small matmuls) or lowered per platform (the paged
+decode attention's kernels, `model.pallas_paged`), resolved when the loading machine compiles it;
+the GPU's Triton kernel is IR with no stability promise, fine for an artifact that only the jax
+version that exported it runs. Two things it cannot hold: the ORACLE scorer's host callback
 (refused: there is no Python to call back into) and, on CPU, ponder's native kernels' code:
 the program names them (`jax.ffi` custom calls) and the loading process must register the same
 kernels (`check_kernels`); exporting with PONDER_CPU_KERNELS=0 leaves XLA's ops in their place.
@@ -41,7 +43,7 @@ import jax
 import jaxlib
 import numpy as np
 
-from model import cpu_kernels
+from model import cpu_kernels, pallas_paged
 from search.runner import bucket_width
 from search.sampler import Sampling
 from search.sharded import run_search
@@ -127,7 +129,8 @@ def export_search(spec: SearchSpec, models: Models, abstract_params, abstract_sc
                             "search.scorer=logprob or reward")
     spec = resolve(spec)
     program = jax.jit(functools.partial(_program, spec, models))
-    disabled = [jax.export.DisabledSafetyCheck.custom_call(target) for target in KERNEL_TARGETS]
+    disabled = [jax.export.DisabledSafetyCheck.custom_call(target)
+                for target in (*KERNEL_TARGETS, *pallas_paged.UNSTABLE_EXPORT_TARGETS)]
     exported, kernels = {}, set()
     with jax.set_mesh(mesh):
         for width in widths:

@@ -23,7 +23,6 @@ from flax import nnx
 
 from model.flops import decode_flops
 from model.paged import PagedKVCache, init_cache
-from search.tree import copy_pages
 
 
 @jax.tree_util.register_dataclass
@@ -61,7 +60,7 @@ class Scorer:
         return cache
 
     def copy(self, cache, sources, targets):
-        return cache if cache is None else copy_pages(cache, sources, targets)
+        return cache if cache is None else cache.copy_pages(sources, targets)
 
     def score(self, params, cache, steps: Steps, path=None) -> tuple[jax.Array, Any]:
         raise NotImplementedError

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from model.paged import pool_spec
 from model.sharding import logical_to_spec
 from search.beam import beam
 from search.best_of_n import best_of_n
@@ -47,7 +48,7 @@ def run_search(spec: SearchSpec, models: Models, params, scorer_params, prompts:
     axes = search_batch_axes(models, params, batch)
     if not axes:
         return _search(spec, models, params, scorer_params, prompts, prompt_lengths, keys, jnp.arange(batch))
-    split, pages = P(axes), P(None, axes)
+    split, pages = P(axes), pool_spec(axes)
 
     def shard(params, scorer_params, prompts, prompt_lengths, keys, rows):
         state, chosen = _search(spec, models, params, scorer_params, prompts, prompt_lengths, keys, rows)

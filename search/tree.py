@@ -15,8 +15,9 @@ ending in the step delimiter, or the answer line ending in EOS) and holds:
 
 Keys/values of every tree in the batch live in one pool (`PagedKVCache`, plus one per
 scorer model). A node owns the pages its step writes. Its first page, when the step starts
-mid-page, is a copy of the parent's last page (copy-on-write of one page), so a path's
-slots stay contiguous and the model's paged attention needs nothing tree-specific. The
+mid-page, is a copy of the parent's last page (copy-on-write of one page:
+`PagedKVCache.copy_pages`), so a path's slots stay contiguous and the model's paged
+attention needs nothing tree-specific. The
 prompt's pages belong to node 0 and are shared by every path. Pages of pruned nodes go
 back to the pool (`free`), so long searches reuse them.
 """
@@ -28,8 +29,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from model.paged import PagedKVCache
 
 
 @jax.tree_util.register_dataclass
@@ -105,15 +104,6 @@ def release(free: jax.Array, pages: jax.Array) -> jax.Array:
     """Returns pages (any shape, -1 ignored) to the pool."""
     flat = pages.reshape(-1)
     return free.at[jnp.where(flat >= 0, flat, free.shape[0])].set(True, mode="drop")
-
-
-def copy_pages(cache: PagedKVCache, sources: jax.Array, targets: jax.Array) -> PagedKVCache:
-    """cache pages targets[r] <- sources[r] for rows with both >= 0 (copy-on-write of a shared page)."""
-    valid = (sources >= 0) & (targets >= 0)
-    src = jnp.where(valid, sources, 0)
-    dst = jnp.where(valid, targets, cache.num_pages)
-    return PagedKVCache(cache.k.at[:, dst].set(cache.k[:, src], mode="drop"),
-                        cache.v.at[:, dst].set(cache.v[:, src], mode="drop"))
 
 
 def prune(tree: Tree, nodes: jax.Array) -> Tree:

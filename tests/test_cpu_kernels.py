@@ -24,7 +24,7 @@ from model.paged import PagedKVCache, attend_paged, attend_paged_xla
 def _case(seed, *, layers=3, pages=32, page_size=4, kv_heads=2, heads=4, head_dim=16, rows=5, table_pages=5):
     """Random pools and a page table whose rows own shuffled pages, row 1 sharing row 0's first two."""
     rng = np.random.default_rng(seed)
-    shape = (layers, pages, page_size, kv_heads, head_dim)
+    shape = (kv_heads, layers, pages, page_size, head_dim)
     cache = PagedKVCache(jnp.asarray(rng.standard_normal(shape), jnp.float32),
                          jnp.asarray(rng.standard_normal(shape), jnp.float32))
     table = rng.permutation(pages)[: rows * table_pages].reshape(rows, table_pages).astype(np.int32)
@@ -61,7 +61,7 @@ def test_the_kernel_equals_xla_attention(shape):
     lengths = np.array([0, capacity // 2, 3, capacity - 1, capacity - 2], np.int32)[:rows]
     num_new = np.array([0, 1, 0, 1, 1], np.int32)[:rows]
     table[2, 1:] = -1  # row 2 holds 3 slots: its later pages are unassigned
-    for layer in range(cache.k.shape[0]):
+    for layer in range(cache.k.shape[1]):
         args = (q, cache, layer, jnp.asarray(table), jnp.asarray(lengths), jnp.asarray(num_new))
         got = np.asarray(jax.jit(attend_paged, static_argnums=2)(*args))
         want = np.asarray(jax.jit(attend_paged_xla, static_argnums=2)(*args))

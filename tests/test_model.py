@@ -103,9 +103,9 @@ def test_rows_sharing_a_prefix_share_its_pages(model):
     table[1, 2:] = own[1, :3]
     cache = init_cache(CFG, int(own.max()) + 1, PAGE_SIZE)
     first, cache = _feed(model, cache, sequences, table, [0, 8], [8, 8], chunk=3)
-    shared = np.asarray(cache.k[:, own[0, :2]])
+    shared = np.asarray(cache.k[:, :, own[0, :2]])
     rest, cache = _feed(model, cache, sequences, table, [8, 8], [len(s) for s in sequences], chunk=2)
-    np.testing.assert_array_equal(np.asarray(cache.k[:, own[0, :2]]), shared)
+    np.testing.assert_array_equal(np.asarray(cache.k[:, :, own[0, :2]]), shared)
     _assert_matches_reference(model, sequences, [first[0] | rest[0], rest[1]], [0, 8])
 
 

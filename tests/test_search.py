@@ -255,7 +255,7 @@ def test_search_sharded_over_the_batch_axes_matches_one_device(vocab, name, scor
         split, chosen_split = RUN(spec, Models(graphdef, cfg.model, score), sharded, None, *inputs)
     assert split.tree.tokens.sharding.spec[0] == ("data", "fsdp")
     assert split.tree.tokens.sharding.shard_shape(split.tree.tokens.shape)[0] == 2
-    assert split.cache.k.sharding.shard_shape(split.cache.k.shape)[1] == one.cache.k.shape[1] // 4
+    assert split.cache.k.sharding.shard_shape(split.cache.k.shape)[2] == one.cache.num_pages // 4
     ends = [candidates(spec, state, chosen, vocab) for state, chosen in ((split, chosen_split), (one, chosen_one))]
     assert [[c.text for c in row] for row in ends[0]] == [[c.text for c in row] for row in ends[1]]
     # scores agree to float rounding: tensor-split matmuls sum in another order

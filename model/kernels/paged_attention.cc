@@ -1,12 +1,13 @@
 // One-token paged attention for XLA:CPU, called from JAX through an FFI custom call.
 //
-// XLA:CPU runs the same attention (model/paged.py: _attend_paged_xla) as some fifty small
+// XLA:CPU runs the same attention (model/paged.py: attend_paged_xla) as some fifty small
 // operations per layer: page gathers, a broadcast multiply, reductions and the online
 // softmax's bookkeeping. On a small model their per-operation cost is a third of a decode
 // step. Here each (row, kv head) reads its keys page by page straight from the pool, with no
 // gathered copy, and the rows are split over XLA's intra-op threads.
 //
-// Inputs (float32 unless said): q [B, H, D]; the key and value pools [L, P, S, K, D] (layers, pages, page size, kv heads, head dim); layer: int32 scalar;
+// Inputs (float32 unless said): q [B, H, D]; the key and value pools [K, L, P, S, D] (kv heads,
+// layers, pages, page size, head dim), so a page of one kv head is S * D contiguous floats; layer: int32 scalar;
 // page_table: int32 [B, NP]; limits: int32 [B], the number of slots row b sees (0..NP*S).
 // Attribute: scale, the factor on q.k (1/sqrt(D)). Output: [B, H, D]; query head h reads kv
 // head h / (H / K). A row that sees no slot gets
@@ -31,7 +32,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 struct Problem {
-  int64_t B, H, D, P, S, K, G, NP, layer;
+  int64_t B, H, D, L, P, S, K, G, NP, layer;
   float scale;
   const float *q, *k, *v;
   const int32_t *table, *limits;
@@ -39,14 +40,15 @@ struct Problem {
 };
 
 // Calls fn(t, vector) for slots t = 0..n-1 of row b, kv head kh, in `pool` (keys or values),
-// page by page: within a page consecutive slots are K * D floats apart.
+// page by page: within a page consecutive slots are D floats apart.
 template <typename Fn>
 void ForEachSlot(const Problem& p, const float* pool, int64_t b, int64_t kh, int64_t n, Fn fn) {
   const int32_t* row = p.table + b * p.NP;
-  const int64_t S = p.S, slot_stride = p.K * p.D;
+  const int64_t S = p.S, slot_stride = p.D;
+  const float* pages = pool + (kh * p.L + p.layer) * p.P * S * p.D;  // kv head kh's pages of this layer
   for (int64_t start = 0; start < n; start += S) {
     const int64_t page = std::clamp<int64_t>(row[start / S], 0, p.P - 1);
-    const float* slot = pool + ((p.layer * p.P + page) * S * p.K + kh) * p.D;
+    const float* slot = pages + page * S * p.D;
     const int64_t end = std::min(n, start + S);
     for (int64_t t = start; t < end; ++t, slot += slot_stride) fn(t, slot);
   }
@@ -116,14 +118,14 @@ ffi::Error PagedDecodeAttentionImpl(ffi::ThreadPool pool, float scale, ffi::Buff
   auto td = page_table.dimensions();
   if (qd.size() != 3 || cd.size() != 5 || td.size() != 2)
     return ffi::Error::InvalidArgument(
-        "paged decode attention: expected q [B, H, D], caches [L, P, S, K, D], table [B, NP]");
-  const int64_t B = qd[0], H = qd[1], D = qd[2], K = cd[3];
-  if (cd[4] != D || cd[0] == 0 || cd[1] == 0 || K == 0 || H % K != 0 || td[0] != B || limits.element_count() != B ||
+        "paged decode attention: expected q [B, H, D], caches [K, L, P, S, D], table [B, NP]");
+  const int64_t B = qd[0], H = qd[1], D = qd[2], K = cd[0];
+  if (cd[4] != D || cd[1] == 0 || cd[2] == 0 || K == 0 || H % K != 0 || td[0] != B || limits.element_count() != B ||
       !std::equal(cd.begin(), cd.end(), v_cache.dimensions().begin(), v_cache.dimensions().end()))
     return ffi::Error::InvalidArgument("paged decode attention: mismatched shapes");
   auto shared = std::make_shared<Shared>();
-  shared->problem = Problem{B, H, D, cd[1], cd[2], K, H / K, td[1],
-                            std::clamp<int64_t>(layer.typed_data()[0], 0, cd[0] - 1), scale,
+  shared->problem = Problem{B, H, D, cd[1], cd[2], cd[3], K, H / K, td[1],
+                            std::clamp<int64_t>(layer.typed_data()[0], 0, cd[1] - 1), scale,
                             q.typed_data(), k_cache.typed_data(), v_cache.typed_data(),
                             page_table.typed_data(), limits.typed_data(), out->typed_data()};
   shared->items = B * K;
