@@ -4,7 +4,8 @@ MFU follows MaxText: model matmul FLOPs only (no norms, softmax or recomputation
 remat), 6 per parameter per token for a training step (2 forward, 4 backward), and causal
 attention counted half: 12 * layers * seq_len * heads * head_dim / 2 per token. Decoding
 counts each token's forward matmuls and its attention over the slots before it, so a
-search's budget in FLOPs compares strategies at equal compute.
+search's budget in FLOPs compares strategies at equal compute. `decode_step_bytes` is the
+memory a decode step must read at least, for decode's bandwidth roofline.
 """
 
 from __future__ import annotations
@@ -38,3 +39,11 @@ def decode_flops(model_cfg: ModelConfig, start: jax.Array, num: jax.Array) -> ja
     attention = 4.0 * model_cfg.num_layers * model_cfg.num_heads * model_cfg.resolved_head_dim
     slot_sum = num * start + num * (num + 1) / 2  # each token attends to its slot + 1 keys
     return (per_token * num + attention * slot_sum).astype(jnp.float32)
+
+
+def decode_step_bytes(cfg: ModelConfig, rows: int, context: float) -> float:
+    """The fewest bytes one decode step of `rows` rows reads: every matmul weight once (in `param_dtype`)
+    and each row's cached keys and values over `context` slots (in the compute dtype, the pool's)."""
+    weight_bytes = matmul_params(cfg) * jnp.dtype(cfg.param_dtype).itemsize
+    kv_per_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.resolved_head_dim * jnp.dtype(cfg.dtype).itemsize
+    return weight_bytes + rows * context * kv_per_slot

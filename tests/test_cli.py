@@ -68,9 +68,25 @@ def test_info_text_for_tiny_on_one_device():
     lines = result.stdout.splitlines()
     assert any(line.startswith("mesh:") and "(1, 1, 1)" in line for line in lines)
     assert any(line.startswith("kernels:") and "native CPU kernels" in line for line in lines), result.stdout
+    assert any(line.startswith("attention:") and "xla" in line for line in lines), result.stdout
+    assert any(line.startswith("decode:") and "native CPU kernel" in line for line in lines), result.stdout
     assert any(line.split()[:2] == ["name", "shape"] and "spec" in line for line in lines)
     assert "estimate" in result.stdout
     assert max(len(line) for line in lines) <= 100
+
+
+def test_info_names_the_kernels_a_config_asks_for_and_its_optimizer_memory():
+    result = ponder("info", "--config", "configs/models/1b.yaml", "model.attention=cudnn",
+                    "model.decode_attention=xla", "model.param_dtype=bfloat16", "optimizer.master_weights=true",
+                    "--json")
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    attention, decode = info["kernels"]["attention"], info["kernels"]["decode_attention"]
+    assert attention["kernel"] == "cudnn" and "needs a CUDA GPU" in attention["detail"], attention
+    assert decode["kernel"] == "xla", decode
+    memory = info["memory_per_device"]["bytes"]
+    # bfloat16 params: 2 bytes each; a float32 master and two float32 moments: 12; float32 grads: 4.
+    assert memory["adamw_state"] == 6 * memory["params"] and memory["grads"] == 2 * memory["params"]
 
 
 def test_unknown_key_is_a_clean_error():

@@ -1,10 +1,14 @@
 """The decoder: paged KV decode against the full forward, packing, layer-stack variants."""
 
+import contextlib
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 from configs.schema import ModelConfig
 from model import create_model, init_cache
@@ -148,7 +152,8 @@ def test_the_cpu_decode_layout_computes_what_decode_does(model, rows):
     assert np.abs(np.asarray(got_cache.k) - np.asarray(cache.k)).max() > 0  # the step wrote its keys
 
 
-@pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(remat="full"), dict(remat="save_dots")])
+@pytest.mark.parametrize("variant", [dict(scan_layers=False), dict(remat="full"), dict(remat="save_dots"),
+                                     dict(remat="save_qkv_proj"), dict(remat="save_qkv_attention", scan_layers=False)])
 def test_layer_stack_variants_compute_the_same_function(model, variant):
     """Unrolled or rematerialized layers: same params, same logits and gradients as scan."""
     other = create_model(CFG.model_copy(update=variant), seed=0)
@@ -162,6 +167,22 @@ def test_layer_stack_variants_compute_the_same_function(model, variant):
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
     for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_remat_policies_keep_what_they_say(model):
+    """Arrays kept for the backward pass: full < q/k/v < q/k/v + attention out < every matmul < no remat."""
+    tokens = jnp.zeros((2, 12), jnp.int32)
+
+    def kept(remat):
+        graphdef, params = nnx.split(create_model(CFG.model_copy(update={"remat": remat}), seed=0))
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            print_saved_residuals(lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens)), params)
+        return len(out.getvalue().splitlines())
+
+    counts = [kept(remat) for remat in ("full", "save_qkv_proj", "save_qkv_attention", "save_dots", "none")]
+    assert counts[1] == counts[0] + 3 and counts[2] == counts[1] + 1, counts  # stacked over layers by the scan
+    assert counts == sorted(set(counts)), counts
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():

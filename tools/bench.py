@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from tools.bench_search import run_search
 from tools.cli import add_config_arguments, config_from_args
 
 # One stream per task and trace style, at a difficulty a small model trains on.
@@ -46,13 +47,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(train)
     train.add_argument("--steps", type=int, default=10, help="timed steps (after 2 warm-up steps)")
     train.add_argument("--no-1b", action="store_true", help="skip the 1b bfloat16 run on accelerators")
+    train.add_argument("--1b-variant", dest="big_variants", action="append", default=[], metavar="KEY=VALUE,...",
+                       help="also measure the 1b model with these overrides (comma-separated; repeatable), "
+                       "e.g. model.attention=xla or model.param_dtype=bfloat16,optimizer.master_weights=true")
     train.set_defaults(func=run_train)
 
     search = commands.add_parser(
         "search",
-        help="decode throughput of the jitted sampler against HuggingFace transformers",
-        description="--hf: greedy decoding of the same random Llama (the config's model shape, "
-        "float32, default `small`) with the same weights, BATCH rows of PROMPT_LEN prompt tokens, "
+        help="decode throughput against the memory-bandwidth bound and HuggingFace; tree-search overhead",
+        description="--roofline: greedy decode tokens/s of the config's model (random weights) at each "
+        "of --roofline-batches rows, against the bound of reading every weight and each row's KV pages "
+        "once per step at the device's data-sheet memory bandwidth (on CPU: this machine's measured read "
+        "bandwidth); prefill and compilation excluded. --overhead: generated tokens/s of beam search and "
+        "MCTS against plain batched sampling of as many tokens, same model. --hf: greedy decoding of "
+        "the same random Llama (the config's model shape, float32, default `small`) with the same "
+        "weights, BATCH rows of PROMPT_LEN prompt tokens, "
         "NEW_TOKENS new tokens each (no early stop): ponder's jit-compiled `generate` on the paged "
         "KV cache (compile excluded) against `LlamaForCausalLM.generate` with its KV cache on CPU "
         "(torch threads: this machine's cores unless --torch-threads); the best of REPEATS runs "
@@ -63,10 +72,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_config_arguments(search)
     search.set_defaults(config="small")
     search.add_argument("--hf", action="store_true", help="decode tokens/s against HuggingFace generate")
+    search.add_argument("--roofline", action="store_true",
+                        help="decode tokens/s at --roofline-batches rows against the memory-bandwidth bound")
+    search.add_argument("--roofline-batches", type=_sizes, default=[64, 256], metavar="N,N",
+                        help="rows decoded together for --roofline (default 64,256)")
     search.add_argument("--overhead", action="store_true",
                         help="tokens/s of beam and mcts against plain batched sampling of as many tokens")
     search.add_argument("--problems", type=int, default=8, help="problems per search batch (--overhead; default 8)")
-    search.add_argument("--batch", type=int, default=8, help="rows decoded together (default 8)")
+    search.add_argument("--batch", type=int, default=8, help="rows decoded together for --hf (default 8)")
     search.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per row (default 32)")
     search.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row (default 128)")
     search.add_argument("--repeats", type=int, default=3, help="timed runs; the best counts (default 3)")
@@ -88,6 +101,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best counts (default 2)")
     export.add_argument("--dir", metavar="DIR", help="where to write (default: a temporary directory)")
     export.set_defaults(func=run_export)
+
+
+def _sizes(text: str) -> list[int]:
+    """`64,256` -> [64, 256] (positive integers)."""
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be at least 1, got {text!r}")
+    return sizes
 
 
 def measure_pipeline(data_cfg, seed: int, batches: int) -> dict[str, float]:
@@ -171,6 +195,7 @@ def run_train(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from configs.load import load_config
+    from model.attention import attention_kernel
     from train.flops import measure_matmul_tflops, peak_tflops
 
     cfg = config_from_args(args)
@@ -185,35 +210,28 @@ def run_train(args: argparse.Namespace) -> int:
 
     runs = [("config", cfg)]
     if device.platform != "cpu" and not args.no_1b:
-        big = load_config("models/1b", [f"mesh.fsdp={-1}", "model.dtype=bfloat16", "model.remat=save_dots",
-                                        f"data.batch_size={max(8, jax.device_count() * 4)}", "data.seq_len=2048"])
+        big_overrides = ["mesh.fsdp=-1", "model.dtype=bfloat16", "model.remat=save_dots",
+                         f"data.batch_size={max(8, jax.device_count() * 4)}", "data.seq_len=2048"]
+        big = load_config("models/1b", big_overrides)
         runs.append(("1b bf16", big))
-    print(f"{'run':<10} {'params':>8} {'batch x len':>12} {'compile s':>10} {'step s':>8} {'tokens/s':>10} "
-          f"{'TFLOP/s/dev':>12} {'MFU':>6}")
+        for variant in args.big_variants:
+            runs.append((f"1b {variant}", load_config("models/1b", [*big_overrides, *variant.split(",")])))
+    print(f"{'params':>8} {'batch x len':>12} {'attention':>10} {'compile s':>10} {'step s':>8} {'tokens/s':>10} "
+          f"{'TFLOP/s/dev':>12} {'MFU':>6} {'peak GiB':>9}  run")
     for name, run_cfg in runs:
         result = measure_train(run_cfg, args.steps)
         params = result["params"]
         shape = f"{run_cfg.data.batch_size}x{run_cfg.data.seq_len}"
-        print(f"{name:<10} {params / 1e6:>7.1f}M {shape:>12} {result['compile_s']:>10.1f} {result['step_s']:>8.3f} "
-              f"{result['tokens_per_s']:>10,.0f} {result['tflops_per_device']:>12.3f} "
-              f"{result['tflops_per_device'] / peak:>6.1%}")
+        attention = attention_kernel(run_cfg.model, device.platform, run_cfg.data.seq_len)[0]
+        peak_memory = (device.memory_stats() or {}).get("peak_bytes_in_use")
+        memory = f"{peak_memory / 2**30:>9.1f}" if peak_memory else f"{'-':>9}"
+        print(f"{params / 1e6:>7.1f}M {shape:>12} {attention:>10} {result['compile_s']:>10.1f} "
+              f"{result['step_s']:>8.3f} {result['tokens_per_s']:>10,.0f} {result['tflops_per_device']:>12.3f} "
+              f"{result['tflops_per_device'] / peak:>6.1%} {memory}  {name}")
         if name == "config":
             data = measure_pipeline(run_cfg.data, run_cfg.seed, max(args.steps, 5))
-            print(f"{'':<10} data pipeline: {data['tokens_per_s']:,.0f} tokens/s on one host = "
+            print(f"  data pipeline: {data['tokens_per_s']:,.0f} tokens/s on one host = "
                   f"{data['tokens_per_s'] / result['tokens_per_s']:.1f}x what training consumes")
-    return 0
-
-
-SEARCH_SECTIONS = ("overhead", "hf")  # `ponder bench search` flags; none given runs them all
-
-
-def run_search(args: argparse.Namespace) -> int:
-    """Runs the search benchmark sections asked for (all by default)."""
-    sections = [name for name in SEARCH_SECTIONS if getattr(args, name)] or list(SEARCH_SECTIONS)
-    if "overhead" in sections:
-        bench_search_overhead(args)
-    if "hf" in sections:
-        bench_decode_vs_hf(args)
     return 0
 
 
@@ -277,160 +295,3 @@ def run_export(args: argparse.Namespace) -> int:
         if not args.dir:
             shutil.rmtree(base, ignore_errors=True)
     return 0
-
-
-def _best_seconds(fns, repeats: int) -> list[float]:
-    """The fastest of `repeats` timed calls of each of `fns`, after one untimed warm-up call each.
-
-    The calls alternate, so a change in the machine's load during the run hits every one alike.
-    """
-    for fn in fns:
-        fn()
-    best = [float("inf")] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best
-
-
-def bench_decode_vs_hf(args: argparse.Namespace) -> dict[str, float]:
-    """Greedy decode tokens/s of ponder's jitted sampler and of HF `generate`, same Llama and weights, on CPU."""
-    import os
-
-    import jax
-    import numpy as np
-    import torch
-    from flax import nnx
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from model import cpu_kernels
-    from model.hf import config_to_hf, from_hf_state_dict, load_params
-    from model.transformer import create_model
-    from search.sampler import Sampling
-    from tools.generate import jit_generate
-
-    model_cfg = config_from_args(args).model.model_copy(update={"dtype": "float32", "param_dtype": "float32"})
-    rows, prompt_len, new_tokens = args.batch, args.prompt_len, args.new_tokens
-    if prompt_len + new_tokens > model_cfg.max_seq_len:
-        model_cfg = model_cfg.model_copy(update={"max_seq_len": prompt_len + new_tokens})
-    torch.set_num_threads(args.torch_threads or os.cpu_count() or 1)
-    torch.manual_seed(0)
-    # No EOS id: HF's min_new_tokens would otherwise mask it, and greedy paths would part where it is the argmax.
-    hf_config = LlamaConfig(**(config_to_hf(model_cfg) | dict(bos_token_id=None, eos_token_id=None, pad_token_id=0)))
-    hf = LlamaForCausalLM(hf_config).eval()
-    model = create_model(model_cfg, seed=0)
-    load_params(model, from_hf_state_dict(hf.state_dict(), model_cfg))
-    graphdef, params = nnx.split(model)
-    prompts = np.random.default_rng(0).integers(3, 259, (rows, prompt_len)).astype(np.int32)  # byte tokens
-
-    generate = jit_generate()
-    lengths, keys = np.full((rows,), prompt_len, np.int32), jax.random.split(jax.random.key(0), rows)
-    compile_start = time.perf_counter()
-    compiled = generate.lower(graphdef, params, model_cfg, prompts, lengths, keys, max_new_tokens=new_tokens,
-                              sampling=Sampling(temperature=0.0), stop_ids=()).compile()
-    compile_seconds = time.perf_counter() - compile_start
-    ours = {}
-
-    def run_ours():
-        ours["out"] = jax.block_until_ready(compiled(params, prompts, lengths, keys))
-
-    hf_out = {}
-    input_ids = torch.from_numpy(prompts.astype(np.int64))
-    attention_mask = torch.ones_like(input_ids)
-
-    def run_hf():
-        with torch.no_grad():
-            hf_out["tokens"] = hf.generate(input_ids, attention_mask=attention_mask, do_sample=False,
-                                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True)
-
-    ours_seconds, hf_seconds = _best_seconds([run_ours, run_hf], args.repeats)
-    ours_tokens = np.asarray(ours["out"].tokens)
-    hf_tokens = hf_out["tokens"][:, prompt_len:].numpy()
-    assert ours_tokens.shape == hf_tokens.shape == (rows, new_tokens), (ours_tokens.shape, hf_tokens.shape)
-    differs = ours_tokens != hf_tokens
-    agree = np.where(differs.any(axis=1), differs.argmax(axis=1), new_tokens)  # leading tokens equal, per row
-
-    generated = rows * new_tokens
-    ours_rate, hf_rate = generated / ours_seconds, generated / hf_seconds
-    params_count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-    print(f"decode vs HuggingFace: {params_count / 1e6:.1f}M-param Llama ({model_cfg.num_layers} layers, "
-          f"width {model_cfg.embed_dim}), float32, {jax.devices()[0].platform.upper()}, greedy, batch {rows}, "
-          f"prompt {prompt_len} + {new_tokens} new tokens, best of {args.repeats}")
-    hlo = compiled.as_text()
-    kernel = ", ".join(f"{name} by {'native CPU kernel' if target in hlo else 'XLA'}" for name, target in
-                       (("attention", cpu_kernels.TARGET), ("matmuls", cpu_kernels.MATMUL_TARGET)))
-    print(f"  ponder generate (jit, paged KV): {ours_rate:>9,.0f} tokens/s  ({ours_seconds:.3f} s; "
-          f"compiled in {compile_seconds:.1f} s; {kernel})")
-    print(f"  HF LlamaForCausalLM.generate:    {hf_rate:>9,.0f} tokens/s  ({hf_seconds:.3f} s; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads)")
-    print(f"  ratio ponder / HF: {ours_rate / hf_rate:.2f}x")
-    print(f"  greedy tokens agreeing from the start, per row: {agree.tolist()} of {new_tokens} "
-          f"({int((agree == new_tokens).sum())}/{rows} rows identical)")
-    return {"ponder_tokens_per_s": ours_rate, "hf_tokens_per_s": hf_rate, "ratio": ours_rate / hf_rate,
-            "min_agreeing_prefix": int(agree.min())}
-
-
-def bench_search_overhead(args) -> None:
-    """Generated tokens/s of beam and mcts over plain batched sampling of as many tokens (same model, rows)."""
-    import functools
-
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from configs.load import load_config
-    from model.transformer import create_model
-    from search.sampler import Sampling, encode_prompts, generate
-    from search.scorers import LogProbScorer
-    from search.sharded import run_search
-    from search.spec import STRATEGIES, SearchSpec
-    from search.state import Models
-    from tasks import get_task
-    from train.data import get_vocabulary
-
-    cfg = load_config("models/small", ["model.max_seq_len=512"])
-    graphdef, params = nnx.split(create_model(cfg.model, cfg.rules(), seed=0))
-    vocab = get_vocabulary("byte")
-    task = get_task("arithmetic")
-    problems = [task.generate(0, i, 3, "test").prompt for i in range(args.problems)]
-    tokens, lengths = encode_prompts(vocab, problems, 48)
-    tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
-    keys = jax.random.split(jax.random.key(0), args.problems)
-    models = Models(graphdef, cfg.model, LogProbScorer())
-    shape = dict(max_steps=6, max_step_tokens=16, max_len=256, page_size=16, sampling=Sampling(temperature=1.0))
-    specs = {
-        "beam": SearchSpec(strategy="beam", n=4, m=4, **shape),
-        "mcts": SearchSpec(strategy="mcts", children=4, wave=4, simulations=16, **shape),
-    }
-    search = jax.jit(run_search, static_argnums=(0, 1))
-    plain = jax.jit(generate, static_argnames=("max_new_tokens", "sampling", "stop_ids", "page_size"),
-                    static_argnums=(0, 2))
-
-    def best_of(fn, repeats=3):
-        times = []
-        for _ in range(repeats + 1):  # the first call compiles
-            start = time.perf_counter()
-            out = jax.block_until_ready(fn())
-            times.append(time.perf_counter() - start)
-        return out, min(times[1:])
-
-    print(f"search overhead: small model (random weights), {args.problems} problems, float32 on "
-          f"{jax.devices()[0].platform.upper()}")
-    print(f"{'strategy':<10} {'rows':>5} {'tokens':>8} {'search tok/s':>13} {'plain tok/s':>12} {'ratio':>6}")
-    for name, spec in specs.items():
-        (state, _), seconds = best_of(lambda spec=spec: search(spec, models, params, None, tokens, lengths, keys))
-        generated = float(state.tokens.sum())
-        rows = args.problems * STRATEGIES[spec.strategy].expansion_rows(spec)
-        per_row = max(int(round(generated / rows)), 1)
-        row_prompts = jnp.repeat(tokens, rows // args.problems, axis=0)
-        row_lengths = jnp.repeat(lengths, rows // args.problems)
-        row_keys = jax.random.split(jax.random.key(1), rows)
-        sampling_call = functools.partial(plain, graphdef, params, cfg.model, row_prompts, row_lengths, row_keys,
-                                          max_new_tokens=per_row, sampling=spec.sampling, stop_ids=(), page_size=16)
-        out, plain_seconds = best_of(sampling_call)
-        plain_tokens = float(out.num.sum())
-        ratio = (generated / seconds) / (plain_tokens / plain_seconds)
-        print(f"{name:<10} {rows:>5} {generated:>8,.0f} {generated / seconds:>13,.0f} "
-              f"{plain_tokens / plain_seconds:>12,.0f} {ratio:>6.2f}")

@@ -85,8 +85,20 @@ def describe(cfg: Config) -> dict[str, Any]:
             "param_dtype": cfg.model.param_dtype,
             "params": params,
         },
-        "memory_per_device": memory_estimate(params),
+        "memory_per_device": memory_estimate(params, master_weights=cfg.optimizer.master_weights),
+        "kernels": kernels_info(cfg, jax.default_backend()),
     }
+
+
+def kernels_info(cfg: Config, backend: str) -> dict[str, dict[str, str]]:
+    """Which kernel the config's training attention and paged decode attention use on `backend`, and why."""
+    from model.attention import attention_kernel
+    from model.pallas_paged import decode_kernel
+
+    attention, attention_why = attention_kernel(cfg.model, backend, cfg.data.seq_len)
+    decode, decode_why = decode_kernel(cfg.model, backend)
+    return {"attention": {"kernel": attention, "detail": attention_why},
+            "decode_attention": {"kernel": decode, "detail": decode_why}}
 
 
 def cpu_kernels_info(backend: str) -> dict[str, Any]:
@@ -106,6 +118,11 @@ def _kernels_line(kernels: dict[str, Any]) -> str:
     reason = kernels["detail"].splitlines()[0] if kernels["detail"] else ""
     line = f"kernels:   decode attention and matmuls: XLA ops ({reason})"
     return line if len(line) <= 100 else line[:96] + "...)"
+
+
+def _kernel_line(label: str, kernel: dict[str, str]) -> str:
+    """`attention: splash (why)`: the kernel a config gets, and the reason when there is one."""
+    return f"{label:<10} {kernel['kernel']}" + (f" ({kernel['detail']})" if kernel["detail"] else "")
 
 
 def describe_params(cfg: Config, mesh) -> list[dict[str, Any]]:
@@ -141,17 +158,23 @@ def describe_params(cfg: Config, mesh) -> list[dict[str, Any]]:
     return rows
 
 
-def memory_estimate(params: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-device bytes for params, AdamW moments (2x float32) and float32 grads; no activations."""
-    elements = sum(p["size_per_device"] for p in params)
+def memory_estimate(params: list[dict[str, Any]], master_weights: bool = False) -> dict[str, Any]:
+    """Per-device bytes for params, AdamW state and grads; no activations.
+
+    AdamW's two moments take each param's dtype, and grads too; with `optimizer.master_weights`
+    the optimizer also keeps a float32 master copy, and moments and grads are float32.
+    """
+    param_bytes = sum(p["bytes_per_device"] for p in params)
+    f32_bytes = F32_BYTES * sum(p["size_per_device"] for p in params)
     parts = {
-        "params": sum(p["bytes_per_device"] for p in params),
-        "adamw_state": 2 * F32_BYTES * elements,
-        "grads": F32_BYTES * elements,
+        "params": param_bytes,
+        "adamw_state": 3 * f32_bytes if master_weights else 2 * param_bytes,
+        "grads": f32_bytes if master_weights else param_bytes,
     }
     largest = max(params, key=lambda p: p["bytes_per_device"])
     return {
         "note": "estimate: params + AdamW state + grads, excluding activations and temporaries",
+        "adamw_layout": "float32 master + 2 float32 moments" if master_weights else "2 moments in the params' dtype",
         "bytes": {**parts, "total": sum(parts.values())},
         "gib": {k: round(v / GIB, 3) for k, v in {**parts, "total": sum(parts.values())}.items()},
         "largest_param": {"name": largest["name"], "bytes_per_device": largest["bytes_per_device"]},
@@ -170,6 +193,8 @@ def render_text(info: dict[str, Any]) -> str:
         f"versions:  jax {info['versions']['jax']}, flax {info['versions']['flax']}",
         f"backend:   {info['backend']}",
         _kernels_line(info["cpu_kernels"]),
+        _kernel_line("attention:", info["kernels"]["attention"]),
+        _kernel_line("decode:", info["kernels"]["decode_attention"]),
         f"devices:   {dev['count']} ({kinds})",
         f"local:     {local_text}",
         f"process:   {dev['process_index']} of {dev['process_count']}",
@@ -201,8 +226,8 @@ def render_text(info: dict[str, Any]) -> str:
         "",
         "memory per device (estimate; excludes activations and temporaries):",
         f"  params       {_bytes(b['params']):>11}",
-        f"  AdamW state  {_bytes(b['adamw_state']):>11}  (2 x float32)",
-        f"  grads        {_bytes(b['grads']):>11}  (float32)",
+        f"  AdamW state  {_bytes(b['adamw_state']):>11}  ({mem['adamw_layout']})",
+        f"  grads        {_bytes(b['grads']):>11}",
         f"  total        {_bytes(b['total']):>11}",
         f"  largest param: {largest['name']} ({_bytes(largest['bytes_per_device'])} per device)",
     ]

@@ -1,4 +1,5 @@
-"""Hardware peaks, for tokens/s -> TFLOP/s -> MFU: a device's known bf16 peak, or a measured matmul peak.
+"""Hardware peaks: for tokens/s -> TFLOP/s -> MFU a device's known bf16 peak, or a measured matmul peak;
+for decode's roofline a device's known memory bandwidth, or a measured one.
 
 The model's FLOPs per token (the numerator) are counted in `model/flops.py`, below search and train.
 """
@@ -26,6 +27,22 @@ KNOWN_PEAKS = {
 }
 
 
+# HBM bandwidth in GB/s (10^9 bytes) per device by jax `device_kind`, from the vendors' data sheets.
+KNOWN_BANDWIDTH_GBPS = {
+    "TPU v4": 1228.0,
+    "TPU v5 lite": 819.0,
+    "TPU v5e": 819.0,
+    "TPU v5p": 2765.0,
+    "TPU v6 lite": 1640.0,
+    "TPU v6e": 1640.0,
+    "NVIDIA H100 80GB HBM3": 3350.0,
+    "NVIDIA H100": 3350.0,
+    "NVIDIA H200": 4800.0,
+    "NVIDIA A100-SXM4-80GB": 2039.0,
+    "NVIDIA A100-SXM4-40GB": 1555.0,
+}
+
+
 def peak_tflops(device: jax.Device | None = None) -> float | None:
     """The known bf16 dense peak of a device kind, or None (CPUs: measure instead)."""
     kind = (device or jax.devices()[0]).device_kind
@@ -50,3 +67,22 @@ def measure_matmul_tflops(dtype=jnp.float32, size: int = 1024, repeats: int = 5)
         run(a).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return chain * 2 * size**3 / best / 1e12
+
+
+def known_bandwidth_gbps(device: jax.Device | None = None) -> float | None:
+    """The data-sheet memory bandwidth (GB/s) of a device kind, or None (CPUs: measure instead)."""
+    kind = (device or jax.devices()[0]).device_kind
+    return next((gbps for name, gbps in KNOWN_BANDWIDTH_GBPS.items() if kind.startswith(name)), None)
+
+
+def measure_bandwidth_gbps(megabytes: int = 512, repeats: int = 5) -> float:
+    """This device's achievable read bandwidth (GB/s): the best of `repeats` timed sums over a float32 array."""
+    x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        total(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return x.nbytes / best / 1e9
