@@ -53,9 +53,9 @@ def decode_kernel(cfg: ModelConfig, platform: str, page_size: int = 16) -> tuple
     """(kernel name, reason) for a one-token decode of `cfg`'s model on `platform`, outside a split mesh.
 
     platform: "cpu", "tpu", "gpu"/"cuda", "rocm" (`jax.default_backend()`); page_size: the
-    search's (`search.page_size`). The name is one of NAMES' values; the reason says why
-    the kernel does not apply when the name is "xla", and is empty when it does. Asking
-    about "cpu" builds the native kernels when CPU is JAX's default backend.
+    search's (`search.page_size`). The name is one of NAMES' values; the reason says why no
+    kernel applies when the name is "xla", and is empty otherwise (or a note: the interpreted
+    kernel is slow). Asking about "cpu" builds the native kernels when CPU is JAX's default backend.
     """
     from model.paged import PagedKVCache  # model.paged imports this module
 
@@ -122,9 +122,9 @@ def _pallas_unfit(platform: str, q, cache) -> str | None:
     if axes := split_axes_left_to_xla():
         return f"mesh axes {', '.join(axes)} are split by XLA's partitioner, and a pallas_call has no sharding rule"
     if platform == "tpu":
-        sublanes = 8 * 4 // dtype.itemsize  # a page is DMA'd whole: its slots fill the (8, 128) tiles of 32 bits
         if dtype not in (jnp.float32, jnp.bfloat16):
             return f"the TPU kernel takes float32 or bfloat16, not {dtype}"
+        sublanes = 8 * 4 // dtype.itemsize  # a page is DMA'd whole: its slots fill the (8, 128) tiles of 32 bits
         if head_dim % 128 or page_size % sublanes:
             return (f"the TPU kernel needs head_dim a multiple of 128 and page_size of {sublanes} "
                     f"(here {head_dim} and {page_size})")
