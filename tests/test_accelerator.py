@@ -68,7 +68,11 @@ def test_paged_decode_kernel_equals_xla(dtype):
     num_new = jnp.asarray([1, 1, 1, 1, 0, 1], jnp.int32)
     q = jnp.asarray(rng.standard_normal((rows, 1, 8, 128)), dtype)
     want = jax.jit(attend_paged_xla)(q, cache, 1, table, lengths, num_new)
-    got = jax.jit(lambda *a: attend_paged(*a, implementation="auto"))(q, cache, 1, table, lengths, num_new)
-    # float32: looser than the CPU interpret tests' 1e-5, since a GPU kernel's dots may run in TF32.
-    tolerance = 1e-3 if dtype == "float32" else 2e-2
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tolerance)
+    # "auto" keeps float32 pools on XLA on TPU (its kernel reads keys and values in bfloat16): force the kernel.
+    implementation = "pallas" if PLATFORM == "tpu" else "auto"
+    got = jax.jit(lambda *a: attend_paged(*a, implementation=implementation))(q, cache, 1, table, lengths, num_new)
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    if dtype == "float32":  # TPU: bfloat16 reads of float32 keys (up to 0.0076 in interpret mode); GPU: float32 dots
+        np.testing.assert_allclose(got, want, atol=1e-2 if PLATFORM == "tpu" else 1e-5)
+    else:  # about two bfloat16 steps of the output's magnitude
+        assert np.max(np.abs(got - want) / np.maximum(np.abs(want), 1.0)) <= 2**-6

@@ -36,6 +36,7 @@ def bench_decode_roofline(args: argparse.Namespace) -> list[dict[str, float]]:
     from flax import nnx
 
     from model.flops import decode_step_bytes
+    from model.pallas_paged import decode_kernel
     from model.transformer import create_model
     from search.sampler import Sampling
     from tools.generate import jit_generate
@@ -57,6 +58,7 @@ def bench_decode_roofline(args: argparse.Namespace) -> list[dict[str, float]]:
           f"{model_cfg.embed_dim}), params {model_cfg.param_dtype}, compute {model_cfg.dtype}, greedy, prompt "
           f"{prompt_len} + {new_tokens} new tokens, on {device.device_kind} ({bandwidth:,.0f} GB/s, {source}), "
           f"best of {args.repeats}")
+    print(f"decode attention: {decode_kernel(model_cfg, device.platform)[0]}")
     print(f"{'rows':>6} {'ms/step':>9} {'tokens/s':>12} {'MB/step':>9} {'bound tok/s':>12} {'of bound':>9}")
     generate, results = jit_generate(), []
     for rows in args.roofline_batches:

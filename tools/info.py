@@ -96,7 +96,7 @@ def kernels_info(cfg: Config, backend: str) -> dict[str, dict[str, str]]:
     from model.pallas_paged import decode_kernel
 
     attention, attention_why = attention_kernel(cfg.model, backend, cfg.data.seq_len)
-    decode, decode_why = decode_kernel(cfg.model, backend)
+    decode, decode_why = decode_kernel(cfg.model, backend, page_size=cfg.search.page_size)
     return {"attention": {"kernel": attention, "detail": attention_why},
             "decode_attention": {"kernel": decode, "detail": decode_why}}
 
