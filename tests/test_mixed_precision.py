@@ -66,7 +66,7 @@ def test_master_weights_on_a_sharded_mesh_follow_float32_params(tmp_path):
         start = start or jax.tree.map(jnp.copy, state["opt_state"].master)  # f32 starts here too (copied: steps donate)
         pipeline = Pipeline(cfg.data, seed=cfg.seed, shard_index=0, num_shards=1)
         losses = []
-        for _ in range(8):
+        for _ in range(5):
             state, metrics = step(state, to_global(next(pipeline), mesh, cfg.rules()))
             losses.append(float(metrics["loss"]))
         trajectories[name] = losses
