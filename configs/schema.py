@@ -196,7 +196,7 @@ class TrainConfig(Strict):
 class SearchConfig(Strict):
     """Inference-time search over reasoning steps (`ponder search`): strategy, sizes, scorer, budget."""
 
-    strategy: Literal["sample", "best_of_n", "beam", "dvts", "mcts"] = "beam"
+    strategy: Literal["greedy", "sample", "best_of_n", "beam", "dvts", "mcts"] = "beam"
     n: int = Field(4, gt=0)
     m: int = Field(4, gt=0)
     children: int = Field(4, gt=0)

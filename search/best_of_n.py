@@ -1,4 +1,7 @@
-"""`sample` and `best_of_n`: N chains from the root, each extended on its own until it ends.
+"""`sample`, `greedy` and `best_of_n`: N chains from the root, each extended on its own until it ends.
+
+`sample` is one chain at search.temperature, `greedy` one at temperature 0 (their specs set
+n=1; greedy's also the sampling, in `search/spec.py`), best_of_n N chains.
 
 The answer is chosen on the host among the finished chains (`search/candidates.py`: vote,
 the scorer's best, or a scorer-weighted vote); the scorer only scores, it steers nothing.

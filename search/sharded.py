@@ -24,7 +24,7 @@ from search.state import Models, init_search
 
 # The loop of each strategy of `search.spec.STRATEGIES` (same keys): (spec, models, params, scorer_params, keys, state)
 # -> (state, chosen [B, C]).
-RUNS = {"sample": best_of_n, "best_of_n": best_of_n, "beam": beam, "dvts": beam, "mcts": mcts}
+RUNS = {"sample": best_of_n, "greedy": best_of_n, "best_of_n": best_of_n, "beam": beam, "dvts": beam, "mcts": mcts}
 
 
 def run_search(spec: SearchSpec, models: Models, params, scorer_params, prompts: jax.Array, prompt_lengths: jax.Array,

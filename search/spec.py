@@ -120,6 +120,13 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
         budget=lambda s, budget, per_chain, steps: {"n": 1},
         canonical=lambda s: dataclasses.replace(s, n=1)),
     Strategy(
+        # the model's single most likely chain: the baseline any thinking compute has to beat
+        "greedy", "one chain at temperature 0 (the most likely token each time)", guided=False,
+        keeps_finished=False, knobs=(("n", "n"),),
+        max_children=lambda s: s.n, num_nodes=lambda s: 1 + s.max_steps, expansion_rows=lambda s: s.n,
+        budget=lambda s, budget, per_chain, steps: {"n": 1},
+        canonical=lambda s: dataclasses.replace(s, n=1, sampling=Sampling(0.0))),
+    Strategy(
         "best_of_n", "N chains; the answer by vote, the scorer's best, or a scorer-weighted vote",
         guided=False, keeps_finished=False, knobs=(("n", "n"),),
         max_children=lambda s: s.n, num_nodes=lambda s: 1 + s.n * s.max_steps, expansion_rows=lambda s: s.n,
@@ -151,7 +158,8 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
 
 
 def resolve(spec: SearchSpec) -> SearchSpec:
-    """`spec` checked and canonical (sample: n=1), so equal searches share one compiled program."""
+    """`spec` checked and canonical (sample: n=1; greedy: n=1 at temperature 0), so equal searches share one
+    compiled program."""
     if spec.strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {spec.strategy!r}; expected one of {', '.join(STRATEGIES)}")
     if spec.aggregate not in AGGREGATES:

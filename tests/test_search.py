@@ -17,7 +17,7 @@ from search.candidates import candidates, choose
 from search.sampler import Sampling, encode_prompts
 from search.scorers import LogProbScorer, RewardModelScorer
 from search.sharded import run_search
-from search.spec import SearchSpec
+from search.spec import SearchSpec, resolve
 from search.state import Models
 from search.tree import allocate, check_invariants, empty_tree, path_tokens, release
 from train.data import get_vocabulary
@@ -25,6 +25,7 @@ from train.data import get_vocabulary
 PROMPTS = ["Compute: 1 + 2\n", "Compute: (3 * 4) - 5 + 6\n", "Numbers: 3 5 7\nTarget: 15\n"]
 SPECS = {
     "sample": SearchSpec(strategy="sample"),
+    "greedy": SearchSpec(strategy="greedy"),  # temperature 1 asked for (`_spec`): greedy decodes at 0 all the same
     "best_of_n": SearchSpec(strategy="best_of_n", n=3),
     "beam": SearchSpec(strategy="beam", n=2, m=3),
     "dvts": SearchSpec(strategy="dvts", n=4, m=2),
@@ -142,7 +143,7 @@ def test_allocator_grants_in_order_and_refuses_what_does_not_fit():
     assert int(release(free_after, pages).sum()) == 8
 
 
-@pytest.mark.parametrize("name", ["best_of_n", "mcts"])
+@pytest.mark.parametrize("name", ["best_of_n", "mcts", "greedy"])
 def test_a_problem_does_not_depend_on_the_rest_of_its_batch(policy, vocab, name):
     spec = _spec(name)
     batch, chosen_batch = _run(policy, vocab, spec)
@@ -150,6 +151,18 @@ def test_a_problem_does_not_depend_on_the_rest_of_its_batch(policy, vocab, name)
     texts = lambda state, chosen, b: [c.text for c in candidates(spec, state, chosen, vocab)[b]]  # noqa: E731
     assert texts(alone, chosen_alone, 0) == texts(batch, chosen_batch, 1)
     np.testing.assert_array_equal(np.asarray(alone.tokens)[0], np.asarray(batch.tokens)[1])
+
+
+def test_greedy_is_one_chain_at_temperature_0_whatever_the_seed_or_the_asked_temperature(policy, vocab):
+    spec = resolve(_spec("greedy", n=4))
+    assert (spec.n, spec.sampling) == (1, Sampling(0.0))
+    assert resolve(_spec("greedy", sampling=Sampling(0.7, top_k=5))) == spec  # one compiled program
+    texts = lambda spec, state, chosen: [[c.text for c in row] for row in candidates(spec, state, chosen, vocab)]  # noqa: E731
+    first = texts(spec, *_run(policy, vocab, _spec("greedy")))  # asks for temperature 1
+    assert all(len(row) == 1 for row in first)
+    assert texts(spec, *_run(policy, vocab, _spec("greedy"), seeds=[7, 8, 9])) == first
+    # temperature 1 does sample (else the checks above say nothing)
+    assert texts(_spec("sample"), *_run(policy, vocab, _spec("sample"))) != first
 
 
 def _live_contexts(state, vocab):
@@ -277,7 +290,8 @@ def test_the_strategy_table_sizes_every_strategy_and_a_budget_buys_more_search()
     from search.spec import STRATEGIES, resolve, size_for_budget
 
     assert RUNS.keys() == STRATEGIES.keys()  # every strategy in the table runs, and nothing else does
-    sizes = {"sample": ("n=1", "n=1"), "best_of_n": ("n=3", "n=3"), "beam": ("n=2 m=3", "beams=2 m=3"),
+    sizes = {"sample": ("n=1", "n=1"), "greedy": ("n=1", "n=1"), "best_of_n": ("n=3", "n=3"),
+             "beam": ("n=2 m=3", "beams=2 m=3"),
              "dvts": ("n=4 m=2", "n=4 m=2"), "mcts": ("simulations=8 children=3 wave=2", "sims=8 k=3 wave=2")}
     for name, (long, short) in sizes.items():
         spec = resolve(_spec(name))
@@ -288,8 +302,8 @@ def test_the_strategy_table_sizes_every_strategy_and_a_budget_buys_more_search()
         small, large = (size_for_budget(spec, budget, tokens_per_chain=40.0, steps_per_chain=4.0)
                         for budget in (40.0, 4000.0))
         assert small.keys() == large.keys() <= {field for field, _ in strategy.knobs}
-        assert all(large[k] >= small[k] for k in small) and (name == "sample" or large != small)
+        assert all(large[k] >= small[k] for k in small) and (name in ("sample", "greedy") or large != small)
     with pytest.raises(ValueError, match="dvts: n"):
         resolve(SearchSpec(strategy="dvts", n=5, m=2))
     with pytest.raises(ValueError, match="unknown strategy"):
-        resolve(SearchSpec(strategy="greedy"))
+        resolve(SearchSpec(strategy="argmax"))

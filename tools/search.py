@@ -24,7 +24,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "search",
         help="search over reasoning steps for every problem of a file (offline evaluation)",
-        description="Runs search.strategy (sample, best_of_n, beam, dvts, mcts) over a problem file "
+        description="Runs search.strategy (greedy, sample, best_of_n, beam, dvts, mcts) over a problem file "
         "(ponder data export) with the policy of a checkpoint (a run directory, its checkpoints/ "
         "or one step directory) and the scorer search.scorer, and writes one JSON line per problem "
         "to --out as each batch finishes. Without --config, the config.yaml of the checkpoint's run "
@@ -43,7 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "checkpoints/, a step dir or a `ponder export params` directory)")
     parser.add_argument("--problems", required=True, metavar="JSONL", help="problem file (ponder data export)")
     parser.add_argument("--out", required=True, metavar="JSONL", help="results, one JSON object per problem")
-    parser.add_argument("--strategy", help="search.strategy: sample, best_of_n, beam, dvts or mcts")
+    parser.add_argument("--strategy", help="search.strategy: greedy, sample, best_of_n, beam, dvts or mcts")
     parser.add_argument("--budget", type=float, help="search.budget: tokens (or FLOPs) per problem; 0: off")
     parser.add_argument("--keep-candidates", action="store_true", help="also write every candidate chain's answer")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
