@@ -17,6 +17,10 @@ prompt's expression for step 1. An incorrect step that parses becomes the previo
 the next step (so a correct rewrite of a wrong expression is still wrong: its value is off);
 a line that does not parse is incorrect and leaves the previous line unchanged.
 
+No prompt-only checking (`search.scorer=checker` refuses arithmetic): the verifier and the step
+checker compare against the expression's value, and computing that from the prompt is solving the
+problem, so a "verifier" would be no easier than the task; they read the reference answer instead.
+
 Difficulty 1..5: 2, 3, 4, 5, 6 operations; numbers 1-9, 1-9, 1-20, 10-99, 10-99; every
 intermediate value stays within +-100, 100, 500, 1000, 2000 (a product that would not gets a
 one-digit right operand, or becomes a sum or difference).
@@ -135,6 +139,10 @@ class Arithmetic(Task):
             return labels
         except Exception:  # never raise on model output or bad problem data
             return [False] * len(lines)
+
+    def prompt_error(self, prompt: str) -> str | None:
+        return (f"{self.name}: no prompt-only checking: its verifier and step checker need the expression's value "
+                "(the reference answer), and computing that from the prompt is solving the problem")
 
     def answer_key(self, problem: Problem, answer: str) -> str:
         """The integer an answer the verifier reads as one names ("053" and "53" agree); else the text."""

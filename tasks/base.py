@@ -99,6 +99,9 @@ class Task(abc.ABC):
     name: ClassVar[str]
     difficulties: ClassVar[tuple[int, ...]]
     trace_styles: ClassVar[tuple[str, ...]] = ("direct",)
+    # Whether `score_from_prompt` and `check_steps_from_prompt` exist: answers and steps can be
+    # checked from the prompt alone (a test-time verifier), not only against the reference answer.
+    checks_from_prompt: ClassVar[bool] = False
 
     def generate(self, seed: int, index: int, difficulty: int, split: str = "train") -> Problem:
         """The problem at `index` of `split`; deterministic in all arguments."""
@@ -161,3 +164,25 @@ class Task(abc.ABC):
         distillation) counts by this key. Default: the text without surrounding spaces.
         """
         return answer.strip()
+
+    def prompt_error(self, prompt: str) -> str | None:
+        """Why completions of `prompt` cannot be checked from the prompt alone (None: they can). Never raises.
+
+        A task whose checking needs the reference answer says so for every prompt; one that can
+        check from the prompt names what is malformed about this one.
+        """
+        if not self.checks_from_prompt:
+            return f"{self.name}: checking an answer or a step needs the reference answer, not only the prompt"
+        return None
+
+    def score_from_prompt(self, prompt: str, completion: str) -> tuple[float, str]:
+        """`score` from the prompt's text alone, never a reference answer: (1.0, "correct") or (0.0, reason).
+
+        Never raises on a completion or a malformed prompt (0.0 with the reason); raises ValueError
+        (`prompt_error`) for a task without prompt-only checking.
+        """
+        raise ValueError(self.prompt_error(prompt))
+
+    def check_steps_from_prompt(self, prompt: str, completion: str) -> list[bool]:
+        """`check_steps` from the prompt's text alone: one label per step line. Raises like `score_from_prompt`."""
+        raise ValueError(self.prompt_error(prompt))

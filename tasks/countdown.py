@@ -16,6 +16,11 @@ Trace styles: `direct` is the solution's steps only; `search` writes out that de
 with dead ends and `backtrack: left 25 17 3 6` lines, at most 24 lines, always ending in the
 solved state (a longer exploration is cut and resumes the solution path, see `search_trace`).
 
+Verifier and step checker read only the prompt (numbers and target), never the reference answer,
+so `score`/`check_steps` are `score_from_prompt`/`check_steps_from_prompt` on the problem's prompt:
+a test-time verifier (`search.scorer=checker`). The verifier accepts any legal expression that hits
+the target, not only the stored answer.
+
 Verifier: the answer parses (numbers, + - * /, parentheses), uses each number at most as often
 as the prompt has it, keeps every intermediate result a positive integer, and equals the target.
 
@@ -84,6 +89,7 @@ class Countdown(Task):
     name = "countdown"
     difficulties = (1, 2, 3, 4, 5)
     trace_styles = ("direct", "search")
+    checks_from_prompt = True
 
     def _sample(self, rng: random.Random, difficulty: int) -> Problem:
         num_small, small_max, num_big, target_min, target_max = LEVELS[difficulty]
@@ -110,7 +116,7 @@ class Countdown(Task):
         return pool[0]
 
     def _complete(self, candidate: Problem, rng: random.Random, difficulty: int) -> Problem:
-        numbers, target = self._numbers_target(candidate)
+        numbers, target = self._numbers_target(candidate.prompt)
         path = solve(numbers, target)
         if path is None:  # pragma: no cover (targets are built from the numbers)
             raise RuntimeError(f"countdown: unsolvable {candidate.prompt!r}")
@@ -119,26 +125,38 @@ class Countdown(Task):
         return Problem("", self.name, difficulty, "", candidate.prompt, steps, answer, candidate.meta)
 
     def canonical(self, problem: Problem) -> str:
-        numbers, target = self._numbers_target(problem)
+        numbers, target = self._numbers_target(problem.prompt)
         return f"{' '.join(map(str, sorted(numbers)))}|{target}"
 
     def trace(self, problem: Problem, style: str = "direct") -> list[str]:
         """`direct`: the worked steps; `search`: the depth-first search written out (same final answer)."""
         if style == "search":
-            return search_trace(*self._numbers_target(problem))
+            return search_trace(*self._numbers_target(problem.prompt))
         return super().trace(problem, style)
 
     def check_problem(self, problem: Problem) -> str | None:
-        try:
-            self._numbers_target(problem)
-        except ValueError as err:
-            return str(err)
+        error = self.prompt_error(problem.prompt)
+        if error:
+            return error
         score, reason = self.score(problem, f"Answer: {problem.answer}")
         return None if score == 1.0 else f"answer {problem.answer!r} does not verify: {reason}"
 
     def score(self, problem: Problem, completion: str) -> tuple[float, str]:
+        return self.score_from_prompt(problem.prompt, completion)
+
+    def check_steps(self, problem: Problem, completion: str) -> list[bool]:
+        return self.check_steps_from_prompt(problem.prompt, completion)
+
+    def prompt_error(self, prompt: str) -> str | None:
         try:
-            numbers, target = self._numbers_target(problem)
+            self._numbers_target(prompt)
+        except ValueError as err:
+            return str(err)
+        return None
+
+    def score_from_prompt(self, prompt: str, completion: str) -> tuple[float, str]:
+        try:
+            numbers, target = self._numbers_target(prompt)
             answer = final_answer(completion)
             if answer is None:
                 return 0.0, "no answer line"
@@ -163,10 +181,10 @@ class Countdown(Task):
         except Exception as err:  # a verifier never raises: bad problem data scores 0 too
             return 0.0, f"verifier error: {err}"
 
-    def check_steps(self, problem: Problem, completion: str) -> list[bool]:
+    def check_steps_from_prompt(self, prompt: str, completion: str) -> list[bool]:
         lines = completion_steps(completion)
         try:
-            numbers, target = self._numbers_target(problem)
+            numbers, target = self._numbers_target(prompt)
             current: tuple[int, ...] | None = numbers
             seen = {tuple(sorted(numbers))}
             memo: dict[tuple[int, ...], bool] = {}
@@ -201,7 +219,7 @@ class Countdown(Task):
         only the prompt's numbers (so every correct expression votes for the target, whatever its form);
         any other answer is its own text."""
         try:
-            numbers, _ = self._numbers_target(problem)
+            numbers, _ = self._numbers_target(problem.prompt)
             node = parse(answer, "+-*/")
             if collections.Counter(leaves(node)) - collections.Counter(numbers):
                 return answer.strip()  # uses a number the prompt does not offer
@@ -210,9 +228,9 @@ class Countdown(Task):
             return answer.strip()
 
     @staticmethod
-    def _numbers_target(problem: Problem) -> tuple[tuple[int, ...], int]:
+    def _numbers_target(prompt: str) -> tuple[tuple[int, ...], int]:
         """The prompt's numbers and target; raises ValueError if the prompt is malformed."""
-        match = _PROMPT.fullmatch(problem.prompt)
+        match = _PROMPT.fullmatch(prompt) if isinstance(prompt, str) else None
         numbers = _ints(match.group(1).split()) if match else None
         if not match or not numbers or len(match.group(2)) > MAX_DIGITS:
             raise ValueError("countdown prompt is not 'Numbers: <n> <n> ...\\nTarget: <n>\\n'")

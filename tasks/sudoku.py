@@ -21,6 +21,12 @@ and V is the solution's digit there. The filled grid is the givens plus every st
 named an empty cell on the grid with a digit in range, right or wrong (so a later step that
 overwrites a wrong digit is incorrect); other lines are incorrect and change nothing.
 
+Prompt-only checking (`search.scorer=checker`, a test-time verifier): the verifier reads only the
+givens already (`score` is `score_from_prompt`). `check_steps_from_prompt` never reads the solution:
+a step is correct iff its cell is on the grid and still empty and some solution of the givens keeps
+the givens, every correct step so far and this digit (a backtracking solve, milliseconds on 9x9).
+With a unique solution, as generated puzzles have, that is exactly `check_steps`.
+
 Difficulty 1..5: 4x4 with 6 or 10 blanks; 9x9 with 40, 48 or 54 blanks. Blanks are removed while the
 solution stays unique, so a grid that cannot lose that many cells keeps a few more givens.
 Splits are decided by the solution grid, so no solved grid is shared between splits.
@@ -30,9 +36,10 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 
 from tasks.base import Problem, Task, completion_steps, final_answer
-from tasks.sudoku_grid import SIZES, dig, fill_order, full_grid, grid_errors, grid_text
+from tasks.sudoku_grid import SIZES, dig, fill_order, full_grid, grid_errors, grid_text, solutions
 
 LEVELS = {1: (4, 6), 2: (4, 10), 3: (9, 40), 4: (9, 48), 5: (9, 54)}  # difficulty -> (size, blanks)
 _HEADER = re.compile(r"Sudoku (\d)x\1:", re.ASCII)
@@ -48,11 +55,35 @@ def _parse_rows(rows: list[str], size: int, empty: str | None) -> list[int] | No
     return None if -1 in grid else grid
 
 
+def _solvable_with(size: int, givens: list[int]) -> Callable[[int, int], bool]:
+    """Judges digits in order from the givens alone: right iff some solution keeps the givens, every digit
+    judged right so far and this one (called only on cells still empty)."""
+    trusted = list(givens)
+    found = solutions(trusted, size)
+    known = found[0] if found else None  # one solution that keeps `trusted`: most digits need no new solve
+
+    def right(cell: int, value: int) -> bool:
+        nonlocal known
+        if known is None:
+            return False  # the givens have no solution: no step is right
+        trusted[cell] = value
+        if known[cell] != value:
+            found = solutions(trusted, size)
+            if not found:
+                trusted[cell] = 0
+                return False
+            known = found[0]
+        return True
+
+    return right
+
+
 class Sudoku(Task):
     """Fill a sudoku grid one cell at a time."""
 
     name = "sudoku"
     difficulties = (1, 2, 3, 4, 5)
+    checks_from_prompt = True
 
     def _sample(self, rng: random.Random, difficulty: int) -> Problem:
         size, _ = LEVELS[difficulty]
@@ -71,7 +102,7 @@ class Sudoku(Task):
         return Problem("", self.name, difficulty, "", prompt, steps, candidate.answer, meta)
 
     def canonical(self, problem: Problem) -> str:
-        size, givens = self._givens(problem)
+        size, givens = self._givens(problem.prompt)
         return f"{size}x{size}:{grid_text(givens, size)}"
 
     def split_key(self, problem: Problem) -> str:
@@ -79,16 +110,25 @@ class Sudoku(Task):
         return problem.answer
 
     def check_problem(self, problem: Problem) -> str | None:
-        try:
-            self._givens(problem)
-        except ValueError as err:
-            return str(err)
+        error = self.prompt_error(problem.prompt)
+        if error:
+            return error
         score, reason = self.score(problem, f"Answer: {problem.answer}")
         return None if score == 1.0 else f"answer {problem.answer!r} does not verify: {reason}"
 
     def score(self, problem: Problem, completion: str) -> tuple[float, str]:
+        return self.score_from_prompt(problem.prompt, completion)
+
+    def prompt_error(self, prompt: str) -> str | None:
         try:
-            size, givens = self._givens(problem)
+            self._givens(prompt)
+        except ValueError as err:
+            return str(err)
+        return None
+
+    def score_from_prompt(self, prompt: str, completion: str) -> tuple[float, str]:
+        try:
+            size, givens = self._givens(prompt)
             answer = final_answer(completion)
             if answer is None:
                 return 0.0, "no answer line"
@@ -104,10 +144,25 @@ class Sudoku(Task):
             return 0.0, f"verifier error: {err}"
 
     def check_steps(self, problem: Problem, completion: str) -> list[bool]:
+        def agrees_with_answer(size: int, givens: list[int]) -> Callable[[int, int], bool]:
+            solution = _parse_rows(problem.answer.split("/"), size, None)
+            return lambda cell, value: solution[cell] == value
+
+        return self._label_steps(problem.prompt, completion, agrees_with_answer)
+
+    def check_steps_from_prompt(self, prompt: str, completion: str) -> list[bool]:
+        return self._label_steps(prompt, completion, _solvable_with)
+
+    def _label_steps(self, prompt: str, completion: str,
+                     right: Callable[[int, list[int]], Callable[[int, int], bool]]) -> list[bool]:
+        """One label per step line: its cell is on the grid and still empty, and `right(size, givens)(cell, digit)`.
+
+        The filled grid takes every in-range step on an empty cell, right or wrong (see the module docstring).
+        """
         lines = completion_steps(completion)
         try:
-            size, grid = self._givens(problem)
-            solution = _parse_rows(problem.answer.split("/"), size, None)
+            size, grid = self._givens(prompt)
+            is_right = right(size, list(grid))
             labels = []
             for line in lines:
                 step = _STEP.fullmatch(line)
@@ -116,16 +171,16 @@ class Sudoku(Task):
                     labels.append(False)
                     continue
                 cell = (row - 1) * size + col - 1
-                labels.append(grid[cell] == 0 and solution[cell] == value)
+                labels.append(grid[cell] == 0 and is_right(cell, value))
                 grid[cell] = grid[cell] or value
             return labels
         except Exception:  # never raise on model output or bad problem data
             return [False] * len(lines)
 
     @staticmethod
-    def _givens(problem: Problem) -> tuple[int, list[int]]:
+    def _givens(prompt: str) -> tuple[int, list[int]]:
         """The grid size and the prompt's grid (0 for blanks); raises ValueError if the prompt is malformed."""
-        header, *rows = problem.prompt.rstrip("\n").split("\n")
+        header, *rows = prompt.rstrip("\n").split("\n") if isinstance(prompt, str) else ("",)
         match = _HEADER.fullmatch(header)
         size = int(match.group(1)) if match else 0
         grid = _parse_rows(rows, size, ".") if size in SIZES else None

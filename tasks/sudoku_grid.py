@@ -1,4 +1,4 @@
-"""Sudoku grids: a bitmask backtracking solver that counts solutions, a generator of puzzles with a
+"""Sudoku grids: a bitmask backtracking solver that finds and counts solutions, a generator of puzzles with a
 unique solution, and the human-justifiable order in which a solution fills the cells.
 
 A grid is a flat list of `size * size` ints in row-major order, 0 for an empty cell; `size` is 4
@@ -63,17 +63,22 @@ class _Masks:
 
 def count_solutions(grid: list[int], size: int, limit: int = 2) -> int:
     """How many solutions `grid` has, counting no further than `limit`."""
+    return len(solutions(grid, size, limit))
+
+
+def solutions(grid: list[int], size: int, limit: int = 1) -> list[list[int]]:
+    """Up to `limit` solved grids that keep every filled cell of `grid` (none if it clashes or is stuck)."""
     masks = _Masks(grid, size)
     if not masks.ok:
-        return 0
+        return []
     empties = [cell for cell, value in enumerate(grid) if not value]
-    count = 0
+    found: list[list[int]] = []
+    filled = list(grid)
 
     def search(depth: int) -> bool:  # True: stop, the limit is reached
-        nonlocal count
         if depth == len(empties):
-            count += 1
-            return count >= limit
+            found.append(list(filled))
+            return len(found) >= limit
         best, best_count, best_mask = depth, 99, 0
         for k in range(depth, len(empties)):  # the most constrained cell next
             mask = masks.candidates(empties[k])
@@ -87,6 +92,7 @@ def count_solutions(grid: list[int], size: int, limit: int = 2) -> int:
             bit = best_mask & -best_mask
             best_mask ^= bit
             masks.toggle(cell, bit)
+            filled[cell] = bit.bit_length() - 1
             stop = search(depth + 1)
             masks.toggle(cell, bit)
             if stop:
@@ -94,7 +100,7 @@ def count_solutions(grid: list[int], size: int, limit: int = 2) -> int:
         return False
 
     search(0)
-    return count
+    return found
 
 
 def full_grid(rng: random.Random, size: int) -> list[int]:
