@@ -211,7 +211,7 @@ class SearchConfig(Strict):
     num_pages: int = Field(0, ge=0)
     aggregate: Literal["last", "min", "product"] = "last"
     select: Literal["majority", "best", "weighted"] = "weighted"
-    scorer: Literal["logprob", "reward", "oracle"] = "logprob"
+    scorer: Literal["logprob", "reward", "oracle", "checker"] = "logprob"
     reward_checkpoint: str | None = None
     temperature: float = Field(1.0, ge=0)
     top_k: int = Field(0, ge=0)

@@ -121,10 +121,11 @@ def export_search(spec: SearchSpec, models: Models, abstract_params, abstract_sc
 
     abstract_params, abstract_scorer_params: ShapeDtypeStructs with shardings (the scorer's None
     without a model). `info` joins the metadata (the caller's config, vocabulary, versions).
-    Lowers for every platform without running; raises ArtifactError for the ORACLE scorer.
+    Lowers for every platform without running; raises ArtifactError for a host-callback scorer (oracle, checker).
     """
-    if models.scorer.oracle:
-        raise ArtifactError("the ORACLE scorer cannot be exported: it scores steps in a Python host callback "
+    if models.scorer.host_callback:
+        label = "ORACLE" if models.scorer.oracle else models.scorer.name
+        raise ArtifactError(f"the {label} scorer cannot be exported: it scores steps in a Python host callback "
                             "(jax.pure_callback), which jax.export cannot serialize; export with "
                             "search.scorer=logprob or reward")
     spec = resolve(spec)

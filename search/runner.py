@@ -158,9 +158,9 @@ class Searcher:
     def __call__(self, spec: SearchSpec, batch: Batch, seed: int):
         """(state, chosen, seconds) for one batch, as numpy without the page pools; seconds excludes compiling."""
         keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), batch.lines)
-        if self.models is not None and self.models.scorer.oracle:
-            self.models.scorer.problems = [problem for _, problem in batch.rows]
-            self.models.scorer.problems += [batch.rows[0][1]] * (len(batch.lines) - len(batch.rows))
+        if self.models is not None and self.models.scorer.host_callback:
+            padded = [problem for _, problem in batch.rows]
+            self.models.scorer.bind(padded + [padded[0]] * (len(batch.lines) - len(batch.rows)))
         inputs = (self.params, self.scorer_params, batch.tokens, batch.lengths, keys)
         with jax.set_mesh(self.mesh):
             signature = (spec, batch.tokens.shape)

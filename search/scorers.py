@@ -5,7 +5,15 @@
               against its own page pool (same page ids as the policy's), so the prefix is
               never re-read: sigmoid(value) at the step's last token
     oracle    ORACLE, for tests and upper bounds only: the task's step checker (and verifier
-              for the answer line) run on the host through `jax.pure_callback`
+              for the answer line) run on the host through `jax.pure_callback`, given the
+              whole problem, reference answer included
+    checker   a prompt-only verifier, legitimate at test time: the task's step checker and
+              verifier that read only the prompt (countdown's numbers and target, sudoku's
+              givens), on the host like the oracle; given prompts, never a reference answer
+              (a task whose checking needs the reference, arithmetic, is refused)
+
+The host-callback scorers (oracle, checker) are handed each search call's rows by `bind`; they
+cannot be exported, and a sharded search runs them with every mesh axis manual.
 
 A scorer is static configuration; its parameters travel separately (`params`) so the
 jitted search does not recompile when they change.
@@ -50,8 +58,15 @@ class Scorer:
     """The interface. `cache` is the scorer's own page pool (None when it needs none)."""
 
     name = "none"
-    oracle = False
+    oracle = False  # reads the reference answer: accuracy with it is an upper bound, not a result
+    host_callback = False  # scores on the host (jax.pure_callback): needs `bind` before each search call
     needs_path = False
+
+    def check_problems(self, problems: list) -> None:
+        """Raises ValueError if this scorer cannot score these `tasks.Problem`s (call before searching)."""
+
+    def bind(self, problems: list) -> None:
+        """Hands a host-callback scorer the `tasks.Problem` of each row of the next search call's whole batch."""
 
     def init_cache(self, num_pages: int, page_size: int) -> PagedKVCache | None:
         return None
@@ -109,26 +124,25 @@ class RewardModelScorer(Scorer):
         return decode_flops(self.model_cfg, start, num + 1)
 
 
-class OracleScorer(Scorer):
-    """ORACLE (tests and upper bounds only): the task's own step checker and verifier, on the host.
+class _HostScorer(Scorer):
+    """A step scorer run on the host: each active row's chain is decoded to text and judged by `_judge`.
 
-    Set `problems` (one `tasks.Problem` per row of the whole batch) before each search call;
-    a sharded search passes each row's index in the whole batch (`Steps.tree_index`).
-    A step scores 1.0 if the checker accepts it given the path so far (the answer line: if
-    the verifier accepts the answer), else 0.0.
+    A sharded search passes each row's index in the whole batch (`Steps.tree_index`), the
+    index into what `bind` was given.
     """
 
-    name = "oracle"
-    oracle = True
+    host_callback = True
     needs_path = True
 
     def __init__(self, vocab):
         self.vocab = vocab
-        self.problems: list = []
+
+    def _judge(self, row: int, text: str, is_answer: bool) -> float:
+        """The score of the last line of `text` (the chain so far, without the prompt) for batch row `row`."""
+        raise NotImplementedError
 
     def _host_score(self, tree_index, path, path_len, tokens, num, active):
         from search.sampler import decode_text
-        from tasks import get_task
         from tasks.base import ANSWER_PREFIX
 
         tree_index, path, path_len, tokens, num, active = (
@@ -138,17 +152,10 @@ class OracleScorer(Scorer):
         for r in range(tree_index.shape[0]):
             if not active[r]:
                 continue
-            problem = self.problems[int(tree_index[r])]
             ids = [t for d in range(path.shape[1]) for t in path[r, d, : path_len[r, d]].tolist()]
             ids += tokens[r, : num[r]].tolist()  # numpy: never touch jax arrays inside a callback
-            text = decode_text(self.vocab, ids)
             step = decode_text(self.vocab, tokens[r, : num[r]])
-            task = get_task(problem.task)
-            if step.startswith(ANSWER_PREFIX):
-                scores[r] = task.score(problem, text)[0]
-            else:
-                labels = task.check_steps(problem, text)
-                scores[r] = float(labels[-1]) if labels else 0.0
+            scores[r] = self._judge(int(tree_index[r]), decode_text(self.vocab, ids), step.startswith(ANSWER_PREFIX))
         return scores
 
     def score(self, params, cache, steps, path=None):
@@ -161,13 +168,85 @@ class OracleScorer(Scorer):
         return result, cache
 
 
+class OracleScorer(_HostScorer):
+    """ORACLE (tests and upper bounds only): the task's own step checker and verifier, on the host.
+
+    Set `problems` (one `tasks.Problem` per row of the whole batch, e.g. by `bind`) before each
+    search call. A step scores 1.0 if the checker accepts it given the path so far (the answer
+    line: if the verifier accepts the answer), else 0.0.
+    """
+
+    name = "oracle"
+    oracle = True
+
+    def __init__(self, vocab):
+        super().__init__(vocab)
+        self.problems: list = []
+
+    def bind(self, problems):
+        self.problems = list(problems)
+
+    def _judge(self, row, text, is_answer):
+        from tasks import get_task
+
+        problem = self.problems[row]
+        task = get_task(problem.task)
+        if is_answer:
+            return task.score(problem, text)[0]
+        labels = task.check_steps(problem, text)
+        return float(labels[-1]) if labels else 0.0
+
+
+class CheckerScorer(_HostScorer):
+    """A prompt-only verifier (legitimate at test time): the task's checks that read only the prompt, on the host.
+
+    Set `prompts` (one `(task name, prompt text)` per row of the whole batch; `bind` takes just
+    those from Problems and refuses a prompt the task cannot check) before each search call.
+    It holds nothing else of a problem, so it cannot read a reference answer. A step scores 1.0
+    if `check_steps_from_prompt` accepts it given the path so far (the answer line: if
+    `score_from_prompt` does), else 0.0.
+    """
+
+    name = "checker"
+
+    def __init__(self, vocab):
+        super().__init__(vocab)
+        self.prompts: list[tuple[str, str]] = []
+
+    def check_problems(self, problems):
+        from tasks import get_task
+
+        for problem in problems:
+            error = get_task(problem.task).prompt_error(problem.prompt)
+            if error:
+                raise ValueError(f"search.scorer=checker (a prompt-only verifier) cannot score {problem.task} "
+                                 f"problem {problem.id or repr(problem.prompt)}: {error}")
+
+    def bind(self, problems):
+        self.check_problems(problems)
+        self.prompts = [(problem.task, problem.prompt) for problem in problems]
+
+    def _judge(self, row, text, is_answer):
+        from tasks import get_task
+
+        name, prompt = self.prompts[row]
+        task = get_task(name)
+        if is_answer:
+            return task.score_from_prompt(prompt, text)[0]
+        labels = task.check_steps_from_prompt(prompt, text)
+        return float(labels[-1]) if labels else 0.0
+
+
 def make_scorer(name: str, *, vocab=None, reward_graphdef=None, reward_cfg=None) -> Scorer:
+    """The scorer `name` (search.scorer); oracle and checker need `vocab`, reward its model."""
     if name == "logprob":
         return LogProbScorer()
     if name == "oracle":
         return OracleScorer(vocab)
+    if name == "checker":
+        return CheckerScorer(vocab)
     if name == "reward":
         if reward_graphdef is None:
             raise ValueError("search.scorer=reward needs a reward model (search.reward_checkpoint)")
         return RewardModelScorer(reward_graphdef, reward_cfg)
-    raise ValueError(f"unknown scorer {name!r}; expected logprob, reward or oracle")
+    raise ValueError(f"unknown scorer {name!r}; expected logprob, reward, oracle or checker")

@@ -38,7 +38,7 @@ def run_search(spec: SearchSpec, models: Models, params, scorer_params, prompts:
     the batch (`search_batch_axes`), with `shard_map`: each shard grows the trees of its own
     problems in its own page pool, and no tree or page crosses devices. The parameters enter
     whole over those axes (gathered once per call when FSDP splits them) and keep their
-    sharding over the others (tensor; the oracle scorer makes every axis manual, see below).
+    sharding over the others (tensor; a host-callback scorer makes every axis manual, see below).
     The returned state is the shards' states side by side:
     tree arrays and stats by problem, each pool's pages after the previous shard's (page ids
     in a tree are its shard's own), `iteration` one per shard.
@@ -60,9 +60,9 @@ def run_search(spec: SearchSpec, models: Models, params, scorer_params, prompts:
         return dataclasses.replace(per_problem, **pools), split
 
     mesh = jax.sharding.get_abstract_mesh()
-    # JAX runs host callbacks (the oracle's) only where every mesh axis is manual: the other
-    # axes then hold whole replicas of the shard's work instead of splitting its matmuls.
-    manual = set(mesh.axis_names) if models.scorer.oracle else set(axes)
+    # JAX runs host callbacks (the oracle's, the checker's) only where every mesh axis is manual: the
+    # other axes then hold whole replicas of the shard's work instead of splitting its matmuls.
+    manual = set(mesh.axis_names) if models.scorer.host_callback else set(axes)
     shapes = jax.eval_shape(shard, params, scorer_params, prompts, prompt_lengths, keys, jnp.arange(batch))
     run = jax.shard_map(shard, mesh=mesh, in_specs=(P(), P(), split, split, split, split),
                         out_specs=out_spec(shapes[0]), axis_names=manual, check_vma=False)

@@ -236,13 +236,13 @@ def test_selection_rules():
     assert choose([Candidate(4, "", None, 1.0, -1.0, False)], "majority").node == 4
 
 
-@pytest.mark.parametrize("name,scorer", [("beam", "logprob"), ("mcts", "oracle")])
+@pytest.mark.parametrize("name,scorer", [("beam", "logprob"), ("mcts", "oracle"), ("beam", "checker")])
 def test_search_sharded_over_the_batch_axes_matches_one_device(vocab, name, scorer):
     """On a (2,2,2) mesh each of the 4 (data x fsdp) shards searches its own problems in its own
     page pool (params split over tensor inside), and every problem ends exactly as on one device.
-    The oracle's host callback runs inside the shards and is told each step's problem."""
+    The host callbacks (oracle, checker) run inside the shards and are told each step's problem."""
     from model.sharding import make_mesh
-    from search.scorers import OracleScorer
+    from search.scorers import CheckerScorer, OracleScorer
     from tasks import get_task
 
     cfg = load_config("configs/models/tiny.yaml", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
@@ -254,12 +254,12 @@ def test_search_sharded_over_the_batch_axes_matches_one_device(vocab, name, scor
     inputs = (jnp.asarray(tokens), jnp.asarray(lengths), keys)
     spec = _spec(name)
     score = LOGPROB
-    if scorer == "oracle":  # the oracle's host callback, reporting which problem each step came from
-        class RowOracle(OracleScorer):
+    if scorer != "logprob":  # the scorer's host callback, reporting which problem each step came from
+        class RowScorer({"oracle": OracleScorer, "checker": CheckerScorer}[scorer]):
             def _host_score(self, tree_index, *rest):
                 return np.asarray(tree_index, np.float32)
 
-        score = RowOracle(vocab)
+        score = RowScorer(vocab)
     graphdef, params = nnx.split(create_model(cfg.model, cfg.rules(), seed=0))
     one, chosen_one = RUN(spec, Models(graphdef, cfg.model, score), params, None, *inputs)
     graphdef, sharded = nnx.split(create_model(cfg.model, cfg.rules(), seed=0, mesh=mesh))
@@ -275,7 +275,7 @@ def test_search_sharded_over_the_batch_axes_matches_one_device(vocab, name, scor
     np.testing.assert_allclose([c.score for row in ends[0] for c in row], [c.score for row in ends[1] for c in row],
                                rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(split.tokens), np.asarray(one.tokens))
-    if scorer == "oracle":  # every shard's callback named each step's problem by its row in the whole batch
+    if scorer != "logprob":  # every shard's callback named each step's problem by its row in the whole batch
         tree = jax.tree.map(np.asarray, split.tree)
         for b in range(8):
             assert (tree.score[b, 1 : tree.node_count[b]] == b).all()

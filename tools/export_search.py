@@ -26,8 +26,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "it was built with, for the devices this process sees (`ponder --devices N` simulates a "
         "target's N on CPU). `ponder search --compiled FILE --params DIR` runs it without tracing "
         "the model, on the same number of devices, with the same jax, and gives the results of "
-        "the live search. The params are inputs, not part of the file. Refused: the ORACLE scorer "
-        "(a Python host callback) and search.budget (its pilot run sizes the strategy: set n or "
+        "the live search. The params are inputs, not part of the file. Refused: the oracle and checker scorers "
+        "(Python host callbacks) and search.budget (its pilot run sizes the strategy: set n or "
         "simulations instead). On CPU the program calls ponder's native decode kernels, which "
         "the loading process registers; PONDER_CPU_KERNELS=0 exports XLA's ops in their place.")
     add_config_arguments(parser)

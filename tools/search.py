@@ -103,9 +103,10 @@ def _search_live(args, checkpoint, problems_path: Path, cfg, start: float) -> in
     try:
         params = load_params(checkpoint, layout.abstract["params"])
         scorer, scorer_params = search_scorer(cfg, vocab, mesh)
+        scorer.check_problems([problem for _, problem in problems])  # checker: before any search runs
     except CheckpointError as err:
         return _error(str(err))
-    except ValueError as err:  # the reward model does not fit the policy
+    except ValueError as err:  # the reward model does not fit the policy, or the scorer cannot score these problems
         return _error(str(err))
     searcher = runner.Searcher(Models(layout.graphdef, cfg.model, scorer), params, scorer_params, mesh)
     spec = spec_from_config(search_cfg, vocab)
@@ -224,7 +225,7 @@ def _print_summary(totals: dict, skipped: int, searcher, spec, search_cfg, out: 
     problems, strategy = totals["problems"], STRATEGIES[spec.strategy]
     oracle = search_cfg.scorer == "oracle"
     report(f"ponder search: {spec.strategy} {strategy.size(spec)}"
-          + f", scorer {'ORACLE' if oracle else search_cfg.scorer}, select {search_cfg.select}")
+          + f", scorer {SCORER_LABELS.get(search_cfg.scorer, search_cfg.scorer)}, select {search_cfg.select}")
     report(f"  {spec.strategy}: {strategy.description}" + (" (the scorer steers it)" if strategy.guided else ""))
     accuracy = f"{totals['correct'] / totals['answered']:.3f} ({totals['correct']}/{totals['answered']})" \
         if totals["answered"] else "n/a (no reference answers)"
@@ -237,6 +238,9 @@ def _print_summary(totals: dict, skipped: int, searcher, spec, search_cfg, out: 
     report(f"  start-up: {first_result_s:.1f} s to the first batch's results (load, compile, search; "
            f"{first_result_s - searcher.compile_seconds:.1f} s without compiling)")
     report(f"  results: {out}")
+
+
+SCORER_LABELS = {"oracle": "ORACLE", "checker": "checker (prompt-only verifier)"}  # in the summary
 
 
 def _error(message: str) -> int:

@@ -24,6 +24,7 @@ from search.scorers import make_scorer
 from search.sharded import run_search
 from search.spec import spec_from_config
 from search.state import Models
+from tasks import get_task
 from tasks.base import Problem
 
 
@@ -31,8 +32,13 @@ class SearchDistiller:
     """Runs rl.search on a step's prompts and returns the verified chains as completions to train on."""
 
     def __init__(self, cfg: Config, mesh, vocab, graphdef):
-        if cfg.search.scorer not in ("logprob", "oracle"):
-            raise ValueError(f"rl.search uses search.scorer logprob or oracle, not {cfg.search.scorer!r}")
+        if cfg.search.scorer not in ("logprob", "oracle", "checker"):
+            raise ValueError(f"rl.search uses search.scorer logprob, oracle or checker, not {cfg.search.scorer!r}")
+        if cfg.search.scorer == "checker":  # refused now, not at the first RL step's search
+            for task in {get_task(name.split("_")[0]) for name in cfg.data.mixture if name != "text"}:  # TASK_dN_STYLE
+                if not task.checks_from_prompt:
+                    raise ValueError(f"search.scorer=checker (a prompt-only verifier) cannot score the "
+                                     f"data.mixture task {task.prompt_error('')}")
         if cfg.rl.max_prompt_len + cfg.search.max_step_tokens + 1 > cfg.search.max_len:
             raise ValueError(f"search.max_len ({cfg.search.max_len}) leaves no room for a step after a prompt of "
                              f"rl.max_prompt_len ({cfg.rl.max_prompt_len})")
@@ -45,8 +51,7 @@ class SearchDistiller:
         """(token arrays to train on, found [P] bool, metrics); a chain that does not verify is kept out."""
         tokens, lengths = encode_prompts(self.vocab, [p.prompt for p in problems], self.cfg.rl.max_prompt_len)
         keys = jax.vmap(jax.random.fold_in, (None, 0))(key, np.asarray(stream_indices, np.uint32))
-        if self.models.scorer.oracle:
-            self.models.scorer.problems = list(problems)
+        self.models.scorer.bind(problems)  # the host-callback scorers (oracle, checker) read each row's problem
         with jax.set_mesh(self.mesh):
             state, chosen = self.search(self.spec, self.models, params, None, tokens, lengths, keys)
         # every host reads every problem's result (gathered on a pod); the page pools stay on device
