@@ -11,7 +11,7 @@ import random
 
 import numpy as np
 import pytest
-from test_search_cli import run_dir  # noqa: F401 (a fixture: a run directory with a tiny checkpoint)
+from test_search_cli import SIZES, compile_cache, ponder_search, run_dir  # noqa: F401 (fixtures: a tiny checkpoint)
 
 from search.export import ArtifactError, export_search
 from search.sampler import PAD_ID
@@ -193,6 +193,18 @@ def test_ponder_search_refuses_the_checker_on_arithmetic_before_searching(run_di
     err = capsys.readouterr().err
     assert "ponder search: error: search.scorer=checker (a prompt-only verifier) cannot score arithmetic" in err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_ponder_search_with_the_checker_on_countdown(run_dir, compile_cache, tmp_path):  # noqa: F811
+    """The live search binds each batch's prompts; the summary names the checker, never ORACLE."""
+    path, out = tmp_path / "problems.jsonl", tmp_path / "results.jsonl"
+    write_problems(path, [get_task("countdown").generate(0, index, 1, "test") for index in range(2)])
+    result = ponder_search(compile_cache, "--checkpoint", str(run_dir), "--problems", str(path), "--out", str(out),
+                           "--strategy", "beam", "search.n=2", "search.m=2", "search.scorer=checker", *SIZES)
+    assert result.returncode == 0, result.stderr
+    assert "scorer checker (prompt-only verifier)" in result.stdout
+    assert "ORACLE" not in result.stdout + result.stderr
+    assert len(out.read_text().splitlines()) == 2
 
 
 def test_the_checker_cannot_be_exported(vocab):
