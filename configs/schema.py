@@ -309,8 +309,8 @@ class DemoConfig(Strict):
     run_dir: str = "runs/demo"
     problems: int = Field(200, gt=0)
     budgets: list[int] = Field(default_factory=lambda: [1, 4, 16, 64])
-    strategies: list[Literal["sample", "best_of_n", "beam", "dvts", "mcts"]] = Field(
-        default_factory=lambda: ["sample", "best_of_n", "beam", "dvts", "mcts"])
+    strategies: list[Literal["greedy", "sample", "best_of_n", "beam", "dvts", "mcts"]] = Field(
+        default_factory=lambda: ["greedy", "sample", "best_of_n", "beam", "dvts", "mcts"])
     reward_problems: int = Field(256, gt=0)
     reward_problem_offset: int = Field(100_000, ge=0)
     reward_samples: int = Field(4, gt=0)
@@ -318,8 +318,8 @@ class DemoConfig(Strict):
     reward_steps: int = Field(100, gt=0)
     rl_steps: int = Field(0, ge=0)
     rl_overrides: list[str] = Field(default_factory=list)
-    rl_strategies: list[Literal["sample", "best_of_n", "beam", "dvts", "mcts"]] = Field(
-        default_factory=lambda: ["sample", "best_of_n"])
+    rl_strategies: list[Literal["greedy", "sample", "best_of_n", "beam", "dvts", "mcts"]] = Field(
+        default_factory=lambda: ["greedy", "sample", "best_of_n"])
     rl_budgets: list[int] | None = None
     pass_samples: int = Field(8, gt=0)
 

@@ -1,10 +1,12 @@
 """The inference-time scaling table: accuracy of each strategy against the thinking compute it spends.
 
 A `Row` is a strategy with a scorer and a selection rule at a budget multiple (of the tokens
-one sampled chain costs), on one policy. `row_records` turns a row's searched problems into
-result lines, `row_summary` sums them up; `TableRunner` runs rows, one search per pool of
-candidates; `print_table`, `markdown_table` and `plot_scaling` show the summaries. `ponder demo`
-(tools/demo.py) wires it to its checkpoints.
+one sampled chain costs), on one policy. The `BASELINES` (greedy decoding and one sample) are
+what thinking compute is measured against: `findings` compares every search with the better of
+them. `row_records` turns a row's searched problems into result lines (best-of-N rows keep
+every chain's answer, verdict and score for `search/coverage.py`), `row_summary` sums them up;
+`TableRunner` runs rows, one search per pool of candidates; `print_table`, `markdown_table` and
+`plot_scaling` show the summaries. `ponder demo` (tools/demo.py) wires it to its checkpoints.
 """
 
 from __future__ import annotations
@@ -18,8 +20,12 @@ import numpy as np
 
 from configs.fileio import atomic_path, write_atomic
 from search.candidates import pick_answer
+from search.coverage import pool_entries
 from search.runner import Batch, Searched, Searcher, search_problems
 from search.spec import STRATEGIES, SearchSpec, resolve, size_for_budget, spec_from_config
+
+# One chain per problem at budget x1, each its own row: the model's most likely answer and one sample.
+BASELINES = ("greedy", "sample")
 
 # The rows each strategy gives, as (name, scorer, selection rule). One pool of N samples per budget serves
 # best_of_n's three (the same chains, so the same tokens). Beam and DVTS answer by a PRM-weighted vote over
@@ -61,12 +67,12 @@ class Row:
 
 
 def rows_for(budgets: list[int], strategies: list[str], policy: str = "sft") -> list[Row]:
-    """The table's rows for one policy: `sample` once, then each strategy at each budget multiple above 1.
+    """The table's rows for one policy: the `BASELINES` asked for (x1), then each strategy at each budget above 1.
 
     Rows of the RL policy are named `rl/...`.
     """
     prefix = "" if policy == "sft" else f"{policy}/"
-    rows = [Row(f"{prefix}sample", "sample", "logprob", "best", 1, policy)] if "sample" in strategies else []
+    rows = [Row(prefix + name, name, "logprob", "best", 1, policy) for name in BASELINES if name in strategies]
     for strategy in strategies:
         for name, scorer, select in VARIANTS.get(strategy, []):
             rows += [Row(prefix + name, strategy, scorer, select, budget, policy) for budget in budgets if budget > 1]
@@ -81,10 +87,29 @@ def demo_rows(demo) -> list[Row]:
     return rows
 
 
+def pool_rows(rows: list[Row]) -> list[Row]:
+    """The best-of-N rows of the SFT policy at their largest budget: the pools `search/coverage.py` reads."""
+    pooled = [row for row in rows if row.strategy == "best_of_n" and row.policy == "sft"]
+    return [row for row in pooled if row.budget == max(r.budget for r in pooled)]
+
+
+def read_pools(rows: list[Row], out_dir: Path) -> dict[str, tuple[str, list[list[dict]]]]:
+    """Per `pool_rows` row, its label (the name after `best_of_n/`), selection rule and per-problem pools, read
+    from out_dir/<key>.jsonl (as `search.coverage.coverage` takes them); {} when a row's lines predate pools."""
+    pools = {}
+    for row in pool_rows(rows):
+        records = [json.loads(line) for line in (out_dir / f"{row.key}.jsonl").read_text().splitlines()]
+        if not all("pool" in record for record in records):
+            return {}
+        pools[row.name.split("/", 1)[1]] = (row.select, [record["pool"] for record in records])
+    return pools
+
+
 def row_records(row: Row, searched: list[Searched], scores: list[list[float]] | None = None) -> list[dict]:
     """One result line per problem: the answer the row's rule picks (votes by the task's answer key).
 
-    `scores`: per problem, a score for each candidate replacing the search's (an ORM's).
+    `scores`: per problem, a score for each candidate replacing the search's (an ORM's). A
+    best-of-N row's lines also hold its `pool` (`search.coverage.pool_entries`: every chain).
     """
     records = []
     for index, entry in enumerate(searched):
@@ -98,6 +123,8 @@ def row_records(row: Row, searched: list[Searched], scores: list[list[float]] | 
             "tokens": entry.tokens, "expansions": entry.expansions, "policy_flops": entry.policy_flops,
             "scorer_flops": entry.scorer_flops,
         })
+        if row.strategy == "best_of_n":
+            records[-1]["pool"] = pool_entries(entry.problem, cands)
     return records
 
 
@@ -205,7 +232,10 @@ def markdown_table(results: list[dict]) -> str:
 
 
 def plot_scaling(results: list[dict], path: Path, title: str) -> None:
-    """Accuracy against tokens per problem (log x), one line per strategy; written to `path` (PNG) whole."""
+    """Accuracy against tokens per problem (log x), one line per strategy; written to `path` (PNG) whole.
+
+    Each policy's one sample starts its lines; its greedy chain is a marker and a dotted horizontal line.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,7 +244,7 @@ def plot_scaling(results: list[dict], path: Path, title: str) -> None:
     samples = {r.get("policy", "sft"): r for r in results if r["strategy"] == "sample"}
     lines: dict[str, list[dict]] = {}
     for r in results:
-        if r["strategy"] != "sample":
+        if r["strategy"] not in BASELINES:
             lines.setdefault(r["name"], []).append(r)
     fig, ax = plt.subplots(figsize=(10.5, 5.5), dpi=120)
     for name, points in lines.items():
@@ -225,6 +255,11 @@ def plot_scaling(results: list[dict], path: Path, title: str) -> None:
     for policy, sample in samples.items():
         ax.scatter([sample["tokens_per_problem"]], [100 * sample["accuracy"]], color="black", zorder=5,
                    marker="o" if policy == "sft" else "s", label=sample["name"].replace("sample", "one sample"))
+    for greedy in (r for r in results if r["strategy"] == "greedy"):
+        sft = greedy.get("policy", "sft") == "sft"
+        ax.axhline(100 * greedy["accuracy"], color="gray", linestyle=":" if sft else "-.", linewidth=1.2)
+        ax.scatter([greedy["tokens_per_problem"]], [100 * greedy["accuracy"]], color="gray", zorder=5,
+                   marker="D" if sft else "d", label=f"{greedy['name']} (temperature 0)")
     ax.set_xscale("log")
     ax.set_xlabel("generated tokens per problem (log scale)")
     ax.set_ylabel("accuracy on held-out problems (%)")
@@ -235,3 +270,28 @@ def plot_scaling(results: list[dict], path: Path, title: str) -> None:
     with atomic_path(path, mode=0o644) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def findings(results: list[dict]) -> list[str]:
+    """What the table shows, per policy: its best search against the better of its `BASELINES` (one line each).
+
+    A gain over one sample alone would count the noise of sampling as a gain of thinking; the
+    better of greedy decoding and one sample is the model's best single answer.
+    """
+    lines = []
+    for policy in dict.fromkeys(r.get("policy", "sft") for r in results):
+        rows = [r for r in results if r.get("policy", "sft") == policy]
+        baselines = [r for r in rows if r["strategy"] in BASELINES]
+        searches = [r for r in rows if r["strategy"] not in BASELINES]
+        if not baselines or not searches:
+            continue
+        rank = lambda r: (r["accuracy"], -r["tokens_per_problem"])  # noqa: E731 (ties: the cheaper)
+        base, best = max(baselines, key=rank), max(searches, key=rank)
+        singles = ", ".join(f"{r['name']} {100 * r['accuracy']:.1f}% at {r['tokens_per_problem']:.0f} tokens"
+                            for r in baselines)
+        beating = sum(r["accuracy"] > base["accuracy"] for r in searches)
+        lines.append(f"{policy}: best single answer {base['name']} ({singles}); best search {best['name']} "
+                     f"x{best['budget']} {100 * best['accuracy']:.1f}% at {best['tokens_per_problem']:.0f} tokens: "
+                     f"{100 * (best['accuracy'] - base['accuracy']):+.1f} points over {base['name']}; "
+                     f"{beating} of {len(searches)} search rows beat it")
+    return lines

@@ -36,11 +36,11 @@ def test_demo_writes_a_table_a_plot_and_a_row_per_strategy_and_budget(demo_run):
     run_dir, out = demo_run
     cfg = load_config("experiments/demo_tiny")
     expected = [(row.name, row.budget) for row in demo_rows(cfg.demo)]
-    # SFT policy: sample at x1; best_of_n three ways, beam, dvts and mcts at every budget above 1.
-    # RL policy: sample at x1 and best_of_n three ways at every budget above 1.
+    # SFT policy: greedy and sample at x1; best_of_n three ways, beam, dvts and mcts at every budget above 1.
+    # RL policy: greedy and sample at x1 and best_of_n three ways at every budget above 1.
     above_1 = sum(b > 1 for b in cfg.demo.budgets)
-    assert cfg.demo.rl_steps > 0 and cfg.demo.rl_strategies == ["sample", "best_of_n"]
-    assert len(expected) == 1 + 6 * above_1 + 1 + 3 * above_1
+    assert cfg.demo.rl_steps > 0 and cfg.demo.rl_strategies == ["greedy", "sample", "best_of_n"]
+    assert len(expected) == 2 + 6 * above_1 + 2 + 3 * above_1
 
     results = json.loads((run_dir / "results.json").read_text())
     assert [(r["name"], r["budget"]) for r in results["rows"]] == expected
@@ -50,14 +50,15 @@ def test_demo_writes_a_table_a_plot_and_a_row_per_strategy_and_budget(demo_run):
         assert row["tokens_per_problem"] > 0 and row["problems_per_s"] > 0
     for policy in ("sft", "rl"):
         rows = [r for r in results["rows"] if r["policy"] == policy]
-        sample = rows[0]
-        assert sample["strategy"] == "sample"
+        assert [r["strategy"] for r in rows[:2]] == ["greedy", "sample"] and rows[0]["size"] == "n=1"
+        sample = rows[1]
         # a bigger budget spends more tokens than one sample of the same policy (what the plot's x-axis claims)
-        assert rows[1:] and all(r["tokens_per_problem"] > sample["tokens_per_problem"] for r in rows[1:])
+        assert rows[2:] and all(r["tokens_per_problem"] > sample["tokens_per_problem"] for r in rows[2:])
     # one program per strategy and budget (and the ORM's forward, compiled by the first ORM row): the RL
     # policy's rows, and rows reading another row's pool, compile nothing
     compiled = {(r["policy"], r["name"], r["budget"]): r["compile_seconds"] for r in results["rows"]}
     assert compiled["sft", "sample", 1] > 0 and compiled["sft", "best_of_n/majority", cfg.demo.budgets[-1]] > 0
+    assert compiled["sft", "greedy", 1] > 0
     assert compiled["sft", "best_of_n/orm-weighted", cfg.demo.budgets[1]] > 0
     assert all(seconds == 0 for (policy, name, _), seconds in compiled.items()
                if (policy == "rl" and "orm" not in name) or name == "best_of_n/prm-weighted")
@@ -81,8 +82,27 @@ def test_demo_writes_a_table_a_plot_and_a_row_per_strategy_and_budget(demo_run):
         assert 0.0 <= pass_at_1[policy] <= 1.0 and abs(count - round(count)) < 1e-6
     assert f"RL: pass@1 on the {cfg.demo.problems} test problems ({cfg.demo.pass_samples} samples each" in out
 
-    png = (run_dir / "scaling.png").read_bytes()
-    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    for name in ("scaling.png", "coverage.png"):
+        png = (run_dir / name).read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000, name
+    # what it shows: the best search against the better of greedy and one sample, per policy
+    assert [line.split(":")[0] for line in results["findings"]] == ["sft", "rl"]
+    assert all(f"ponder demo: shows: {line}" in out for line in results["findings"])
+    # coverage of the largest best-of-N pool: pass@k grows with k, no rule picks better than it, and all of
+    # the pool is each row's own accuracy
+    coverage = {int(k): row for k, row in results["coverage"].items()}
+    largest = max(cfg.demo.budgets)
+    bon = {r["name"].split("/")[1]: r["accuracy"] for r in results["rows"]
+           if r["policy"] == "sft" and r["strategy"] == "best_of_n" and r["budget"] == largest}
+    ks = sorted(coverage)
+    assert ks[0] == 1 and ks[-1] >= largest and all(b == 2 * a for a, b in zip(ks, ks[1:-1], strict=False))
+    assert set(coverage[1]) == {"pass_at_k", *bon}
+    assert all(coverage[a]["pass_at_k"] <= coverage[b]["pass_at_k"] for a, b in zip(ks, ks[1:], strict=False))
+    for k in (1, ks[-1]):  # exact at 1 and N (between: groups of k estimate it, see search/coverage.py)
+        assert all(coverage[k][rule] <= coverage[k]["pass_at_k"] + 1e-9 for rule in bon)
+    assert all(coverage[1][rule] == pytest.approx(coverage[1]["pass_at_k"]) for rule in bon)
+    assert {rule: coverage[ks[-1]][rule] for rule in bon} == pytest.approx(bon)
+    assert f"coverage: pass@k of the {ks[-1]} best-of-N chains per problem" in out
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("strategy") and "accuracy" in line)
     table = lines[header + 2 : header + 2 + len(expected)]
@@ -106,7 +126,7 @@ def test_rl_rows_take_their_own_budgets_and_bad_budgets_name_the_key():
     rows = [(row.name, row.budget) for row in demo_rows(cfg.demo)]
     assert ("best_of_n/majority", 64) in rows and ("rl/best_of_n/majority", 4) in rows
     assert max(budget for name, budget in rows if name.startswith("rl/")) == 4
-    assert [name for name, _ in rows if name.startswith("rl/")] == ["rl/sample", *(
+    assert [name for name, _ in rows if name.startswith("rl/")] == ["rl/greedy", "rl/sample", *(
         f"rl/best_of_n/{rule}" for rule in ("majority", "orm-weighted", "prm-weighted"))]
     unset = load_config("experiments/demo", ["demo.rl_budgets=null"])
     assert max(b for name, b in ((r.name, r.budget) for r in demo_rows(unset.demo)) if name.startswith("rl/")) == 64

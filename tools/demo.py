@@ -13,15 +13,20 @@ Stages, each skipped when its output exists (the screen says so):
 3. reward      a PRM and an ORM from the policy's checkpoint (`ponder reward train`) RUN/reward/{prm,orm}/
 4. search      every strategy at budgets of 1x..Nx the tokens of one sample, on
                demo.problems held-out test problems (`ponder search`)              RUN/search/*.jsonl
-5. report      the table on screen, RUN/results.json and RUN/scaling.png
+5. report      the table, what it shows and the coverage on screen; RUN/results.json, RUN/scaling.png and
+               RUN/coverage.png
 
 A budget multiple B gives each problem about B times the tokens that one sampled chain
 costs on the same problems (measured by the `sample` row), and sizes N, the beams or the
-simulations from it; every row reports the tokens it really spent. With an RL stage the table
-also has `rl/...` rows: demo.rl_strategies run on the RL policy (same problems, same PRM/ORM),
-and the `rl/sample` row against `sample` is one sample's accuracy before and after RL. One
-sample per problem is noisy (on 200 problems, reseeding the same policy moved it by up to 11
-points), so pass@1 before and after RL is also measured as the mean over demo.pass_samples.
+simulations from it; every row reports the tokens it really spent. The `greedy` row (one chain
+at temperature 0) and the `sample` row are the baselines: what the demo says each search gains
+is measured against the better of the two. coverage.png is pass@k of the largest best-of-N
+pool against k, beside each selection rule's accuracy over k of those chains (search/coverage.py).
+With an RL stage the table also has `rl/...` rows: demo.rl_strategies run on the RL policy
+(same problems, same PRM/ORM); `rl/greedy` and `rl/sample` against `greedy` and `sample` are
+single answers before and after RL. One sample per problem is noisy (on 200 problems,
+reseeding the same policy moved it by up to 11 points), so pass@1 before and after RL is also
+measured as the mean over demo.pass_samples.
 """
 
 from __future__ import annotations
@@ -53,8 +58,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         f"{DEFAULT_CONFIG}), improve it with demo.rl_steps of GRPO (rl.*; 0: no RL stage), sample "
         "and label reward data, train a PRM and an ORM, run every search strategy at budgets of "
         "1x..Nx the tokens of one sample on demo.problems held-out test problems (and "
-        "demo.rl_strategies on the RL policy), then print a table and write results.json and "
-        "scaling.png into the run "
+        "demo.rl_strategies on the RL policy), then print a table and write results.json, "
+        "scaling.png and coverage.png into the run "
         "directory. Stages whose outputs exist are skipped (re-running after an interruption "
         "continues); --fresh starts over. Settings: the config's demo.* keys (documented in "
         "configs/base.yaml), overridable as key=value.",
@@ -83,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     results = demo.run()
     print(f"ponder demo: done in {(time.perf_counter() - start) / 60:.1f} min; {run_dir / 'results.json'}, "
-          f"{run_dir / 'scaling.png'}")
+          f"{run_dir / 'scaling.png'}, {run_dir / 'coverage.png'}")
     return 0 if results else 1
 
 
@@ -92,7 +97,7 @@ def _clear(run_dir: Path) -> None:
     import shutil
 
     for name in ("policy", "rl", "reward", "search", "problems.jsonl", "results.json", "scaling.png",
-                 "stage_seconds.json"):
+                 "coverage.png", "stage_seconds.json"):
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -315,12 +320,20 @@ class Demo:
     # -- 5. report --
 
     def report(self, timings: dict) -> dict:
-        from search.scaling import demo_rows, plot_scaling, print_table
+        from search.coverage import coverage, coverage_lines, plot_coverage
+        from search.scaling import demo_rows, findings, plot_scaling, print_table, read_pools
 
         rows = demo_rows(self.cfg.demo)
         results = [json.loads((self.search_dir / f"{row.key}.json").read_text()) for row in rows]
         reward_eval = {kind: _read_json(self.reward_dir / kind / "reward_eval.json") for kind in ("prm", "orm")}
         print_table(results)
+        shows, coverage_table = findings(results), coverage(read_pools(rows, self.search_dir))
+        for line in shows:
+            self.say(f"shows: {line}")
+        if coverage_table:
+            self.say(f"coverage: pass@k of the {max(coverage_table)} best-of-N chains per problem, and each rule's "
+                     "accuracy choosing among k of them (disjoint groups of k, in order):")
+            print("\n".join(f"  {line}" for line in coverage_lines(coverage_table)))
         by_name = {(r["name"], r["budget"]): r for r in results}
         pass_at_1 = _read_json(self.rl_dir / "pass_at_1.json") if self.cfg.demo.rl_steps else {}
         if pass_at_1:
@@ -350,15 +363,20 @@ class Demo:
             "reward_eval": reward_eval,
             "pass_at_1": pass_at_1,
             "rows": results,
+            "findings": shows,
+            "coverage": coverage_table,
         }
         write_atomic(self.run_dir / "results.json", json.dumps(summary, indent=1) + "\n")
         plot_scaling(results, self.run_dir / "scaling.png", title=_plot_title(self.cfg))
+        if coverage_table:
+            greedy = {r["name"]: r["accuracy"] for r in results if r["strategy"] == "greedy" and r["policy"] == "sft"}
+            plot_coverage(coverage_table, self.run_dir / "coverage.png", _plot_title(self.cfg, "coverage"), greedy)
         return summary
 
 
-def _plot_title(cfg) -> str:
+def _plot_title(cfg, what: str = "accuracy vs thinking compute") -> str:
     tasks = ", ".join(cfg.data.mixture)
-    return (f"ponder: accuracy vs thinking compute\n{tasks}; {cfg.demo.problems} test problems; "
+    return (f"ponder: {what}\n{tasks}; {cfg.demo.problems} test problems; "
             f"{cfg.model.num_layers}-layer, width-{cfg.model.embed_dim} policy")
 
 
