@@ -110,6 +110,19 @@ def test_budget_sizes_the_strategy_from_a_pilot(run_dir, compile_cache, tmp_path
     assert re.search(r"compiles: 2 \(", result.stdout)  # the pilot's program and the sized one
 
 
+def test_greedy_is_a_strategy_and_its_summary_says_so(run_dir, compile_cache, tmp_path):
+    path = tmp_path / "problems.jsonl"
+    write_problems(path, _problems("arithmetic", 1, 2))
+    out = tmp_path / "results.jsonl"
+    result = ponder_search(compile_cache, "--checkpoint", str(run_dir), "--problems", str(path), "--out", str(out),
+                           "--strategy", "greedy", "--keep-candidates", "search.temperature=1.0", "search.n=4", *SIZES)
+    assert result.returncode == 0, result.stderr
+    assert "ponder search: greedy n=1, scorer logprob" in result.stdout  # n=4 asked: greedy is one chain
+    assert "greedy: one chain at temperature 0" in result.stdout
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["strategy"] for r in records] == ["greedy"] * 2 and all(len(r["candidates"]) == 1 for r in records)
+
+
 def test_missing_checkpoint_or_problems_exit_2(run_dir, tmp_path, capsys):
     problems = tmp_path / "problems.jsonl"
     write_problems(problems, _problems("arithmetic", 1, 1))
