@@ -30,10 +30,11 @@ BASELINES = ("greedy", "sample")
 # The rows each strategy gives, as (name, scorer, selection rule). One pool of N samples per budget serves
 # best_of_n's three (the same chains, so the same tokens). Beam and DVTS answer by a PRM-weighted vote over
 # their finished chains (as in Snell et al. 2024 and HF's search-and-learn): the single best-scored chain is
-# as good as the PRM's worst mistake.
+# as good as the PRM's worst mistake. The checker row (tasks checkable from the prompt alone) picks a chain the
+# task's prompt-only verifier accepts: legitimate at test time, and what Large Language Monkeys' coverage assumes.
 VARIANTS = {
     "best_of_n": [("best_of_n/majority", "prm", "majority"), ("best_of_n/orm-weighted", "orm", "weighted"),
-                  ("best_of_n/prm-weighted", "prm", "weighted")],
+                  ("best_of_n/prm-weighted", "prm", "weighted"), ("best_of_n/checker", "checker", "best")],
     "beam": [("beam/prm", "prm", "weighted")],
     "dvts": [("dvts/prm", "prm", "weighted")],
     "mcts": [("mcts/prm", "prm", "best")],
@@ -46,7 +47,7 @@ class Row:
 
     name: str  # e.g. "best_of_n/prm-weighted"
     strategy: str
-    scorer: str  # logprob, prm, orm
+    scorer: str  # logprob, prm, orm, checker
     select: str  # majority, best, weighted
     budget: int  # multiple of one sample's tokens
     policy: str = "sft"  # sft: the SFT policy; rl: the policy after the RL stage
@@ -62,29 +63,43 @@ class Row:
 
     @property
     def pool_scorer(self) -> str:
-        """The scorer its search runs with: an ORM row rescores the chains of the PRM's search afterwards."""
-        return "prm" if self.scorer == "orm" else self.scorer
+        """The scorer its search runs with: ORM and checker rows rescore the chains of the PRM's search afterwards."""
+        return "prm" if self.scorer in ("orm", "checker") else self.scorer
 
 
-def rows_for(budgets: list[int], strategies: list[str], policy: str = "sft") -> list[Row]:
+def rows_for(budgets: list[int], strategies: list[str], policy: str = "sft", checker: bool = False) -> list[Row]:
     """The table's rows for one policy: the `BASELINES` asked for (x1), then each strategy at each budget above 1.
 
-    Rows of the RL policy are named `rl/...`.
+    Rows of the RL policy are named `rl/...`; checker rows only with `checker` (every task checkable from its prompt).
     """
     prefix = "" if policy == "sft" else f"{policy}/"
     rows = [Row(prefix + name, name, "logprob", "best", 1, policy) for name in BASELINES if name in strategies]
     for strategy in strategies:
         for name, scorer, select in VARIANTS.get(strategy, []):
+            if scorer == "checker" and not checker:
+                continue
             rows += [Row(prefix + name, strategy, scorer, select, budget, policy) for budget in budgets if budget > 1]
     return rows
 
 
-def demo_rows(demo) -> list[Row]:
-    """Every row of a demo config's table: the SFT policy's, then (with an RL stage) the RL policy's."""
-    rows = rows_for(demo.budgets, demo.strategies)
+def demo_rows(demo, checker: bool = False) -> list[Row]:
+    """Every row of a demo config's table: the SFT policy's, then (with an RL stage) the RL policy's.
+
+    checker: add the prompt-only verifier's rows (`checkable_mixture` of the config's data mixture).
+    """
+    rows = rows_for(demo.budgets, demo.strategies, checker=checker)
     if demo.rl_steps:
-        rows += rows_for(demo.budgets if demo.rl_budgets is None else demo.rl_budgets, demo.rl_strategies, "rl")
+        rl_budgets = demo.budgets if demo.rl_budgets is None else demo.rl_budgets
+        rows += rows_for(rl_budgets, demo.rl_strategies, "rl", checker=checker)
     return rows
+
+
+def checkable_mixture(mixture: dict[str, float]) -> bool:
+    """Whether every task of a data mixture (`task_dN_style` components) is checkable from its prompt alone."""
+    from tasks import get_task
+
+    names = {component.split("_d")[0] for component in mixture}
+    return "text" not in names and all(get_task(name).checks_from_prompt for name in names)
 
 
 def pool_rows(rows: list[Row]) -> list[Row]:
@@ -194,6 +209,8 @@ class TableRunner:
         """The row's summary (`row_summary`), its per-problem records written beside it."""
         problems, seconds, spec, compile_seconds = self.pool(row, base)
         scores = None
+        if row.scorer == "checker":
+            scores, seconds = checker_scores(problems, seconds)
         if row.scorer == "orm":
             flat, rescore_seconds, rescore_compile = self.rescore([(p.problem, c.text) for p in problems
                                                                    for c in p.candidates])
@@ -205,6 +222,19 @@ class TableRunner:
         summary = row_summary(row, records, spec, seconds, compile_seconds)
         write_atomic(out_dir / f"{row.key}.json", json.dumps(summary) + "\n")
         return summary
+
+
+def checker_scores(problems: list[Searched], seconds: float) -> tuple[list[list[float]], float]:
+    """Each chain's verdict by its task's prompt-only verifier (1.0 or 0.0; never the reference answer),
+    and `seconds` plus the time it took."""
+    import time
+
+    from tasks import get_task
+
+    start = time.perf_counter()
+    scores = [[get_task(p.problem.task).score_from_prompt(p.problem.prompt, c.text)[0] for c in p.candidates]
+              for p in problems]
+    return scores, seconds + time.perf_counter() - start
 
 
 def row_line(summary: dict) -> str:

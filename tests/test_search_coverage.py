@@ -3,6 +3,7 @@ greedy rows, findings and plots, on synthetic pools of real arithmetic problems.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -117,3 +118,31 @@ def test_greedy_rows_and_findings_against_the_better_baseline(tmp_path):
     plot_coverage(table, tmp_path / "coverage.png", "t", {"greedy": 0.8})
     for name in ("scaling.png", "coverage.png"):
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_the_checker_row_picks_a_chain_the_prompt_only_verifier_accepts():
+    """On countdown the checker row rescores the PRM pool's chains by the task's prompt-only verifier; the
+    reference answer is garbage here, so a right pick proves it was never read. Arithmetic gets no such row."""
+    from search.scaling import checkable_mixture, checker_scores
+
+    task = get_task("countdown")
+    searched = []
+    for index in range(4):
+        problem = task.generate(0, index, 1, "test")
+        right = "\n".join(task.trace(problem)) + f"\nAnswer: {problem.answer}"
+        wrong = "\n".join(task.trace(problem)[:1]) + "\nAnswer: 1 + 1"
+        # The PRM liked the wrong chain better; garbage reference fields: the checker must not need them.
+        cands = [Candidate(1, wrong, "1 + 1", 0.9, -1.0, True), Candidate(2, right, problem.answer, 0.2, -1.0, True)]
+        blind = dataclasses.replace(problem, steps=("garbage",), meta={"numbers": [0], "target": 0})
+        searched.append(Searched(index + 1, blind, cands, 40.0, 1.0, 1.0, 4.0))
+    scores, seconds = checker_scores(searched, 0.0)
+    assert scores == [[0.0, 1.0]] * 4 and seconds > 0
+    row = Row("best_of_n/checker", "best_of_n", "checker", "best", 4)
+    assert row.pool_scorer == "prm"
+    records = row_records(row, searched, scores)
+    assert [r["chain"].endswith(p.problem.answer) for r, p in zip(records, searched, strict=True)] == [True] * 4
+    assert checkable_mixture({"countdown_d1_direct": 1.0, "sudoku_d1_direct": 1.0})
+    assert not checkable_mixture({"countdown_d1_direct": 1.0, "arithmetic_d1_direct": 1.0})
+    assert not checkable_mixture({"text": 1.0})
+    names = [r.name for r in rows_for([1, 4], ["best_of_n"], checker=True)]
+    assert "best_of_n/checker" in names and "best_of_n/checker" not in [r.name for r in rows_for([4], ["best_of_n"])]

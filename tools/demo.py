@@ -256,9 +256,9 @@ class Demo:
         return path
 
     def search(self) -> None:
-        from search.scaling import demo_rows
+        from search.scaling import checkable_mixture, demo_rows
 
-        rows = demo_rows(self.cfg.demo)
+        rows = demo_rows(self.cfg.demo, checkable_mixture(self.cfg.data.mixture))
         todo = [row for row in rows if not (self.search_dir / f"{row.key}.json").exists()]
         if not todo:
             self.say(f"4/4 search: all {len(rows)} rows are in {self.search_dir}: skipping")
@@ -321,9 +321,9 @@ class Demo:
 
     def report(self, timings: dict) -> dict:
         from search.coverage import coverage, coverage_lines, plot_coverage
-        from search.scaling import demo_rows, findings, plot_scaling, print_table, read_pools
+        from search.scaling import checkable_mixture, demo_rows, findings, plot_scaling, print_table, read_pools
 
-        rows = demo_rows(self.cfg.demo)
+        rows = demo_rows(self.cfg.demo, checkable_mixture(self.cfg.data.mixture))
         results = [json.loads((self.search_dir / f"{row.key}.json").read_text()) for row in rows]
         reward_eval = {kind: _read_json(self.reward_dir / kind / "reward_eval.json") for kind in ("prm", "orm")}
         print_table(results)
