@@ -19,7 +19,7 @@ TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4;
 test: install
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
-# The inference-time scaling curve and an RL stage from scratch (about 14 min on a 2-core CPU); DEMO_ARGS=--fresh starts over.
+# The inference-time scaling curve and an RL stage from scratch (about 11 min on a 2-core CPU); DEMO_ARGS=--fresh starts over.
 demo: install
 	$(VENV)/bin/ponder demo $(DEMO_ARGS)
 
