@@ -60,13 +60,7 @@ def measure_matmul_tflops(dtype=jnp.float32, size: int = 1024, repeats: int = 5)
             x = x @ a
         return x
 
-    run(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return chain * 2 * size**3 / best / 1e12
+    return chain * 2 * size**3 / _best_seconds(lambda: run(a).block_until_ready(), repeats) / 1e12
 
 
 def known_bandwidth_gbps(device: jax.Device | None = None) -> float | None:
@@ -79,10 +73,15 @@ def measure_bandwidth_gbps(megabytes: int = 512, repeats: int = 5) -> float:
     """This device's achievable read bandwidth (GB/s): the best of `repeats` timed sums over a float32 array."""
     x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
+    return x.nbytes / _best_seconds(lambda: total(x).block_until_ready(), repeats) / 1e9
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of `fn`, after one untimed call (which compiles)."""
+    fn()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        total(x).block_until_ready()
+        fn()
         best = min(best, time.perf_counter() - start)
-    return x.nbytes / best / 1e9
+    return best
