@@ -186,3 +186,20 @@ class Task(abc.ABC):
     def check_steps_from_prompt(self, prompt: str, completion: str) -> list[bool]:
         """`check_steps` from the prompt's text alone: one label per step line. Raises like `score_from_prompt`."""
         raise ValueError(self.prompt_error(prompt))
+
+
+class PromptCheckedTask(Task):
+    """A task whose answers verify from the prompt alone: `score` is `score_from_prompt`, and a problem is
+    well-formed when its prompt parses and its own answer verifies."""
+
+    checks_from_prompt: ClassVar[bool] = True
+
+    def check_problem(self, problem: Problem) -> str | None:
+        error = self.prompt_error(problem.prompt)
+        if error:
+            return error
+        score, reason = self.score(problem, f"Answer: {problem.answer}")
+        return None if score == 1.0 else f"answer {problem.answer!r} does not verify: {reason}"
+
+    def score(self, problem: Problem, completion: str) -> tuple[float, str]:
+        return self.score_from_prompt(problem.prompt, completion)

@@ -44,7 +44,7 @@ import collections
 import random
 import re
 
-from tasks.base import Problem, Task, completion_steps, final_answer
+from tasks.base import Problem, PromptCheckedTask, completion_steps, final_answer
 from tasks.countdown_solver import answer_expression, pair_results, reachable, search_trace, solve, step_text
 from tasks.expr import MAX_DIGITS, ExprError, apply_op, evaluate, leaves, parse, to_text
 
@@ -83,13 +83,12 @@ def _legal(current: tuple[int, ...], a: int, op: str, b: int, c: int, left: tupl
     return collections.Counter(left) == +rest
 
 
-class Countdown(Task):
+class Countdown(PromptCheckedTask):
     """Combine numbers with + - * / to reach a target."""
 
     name = "countdown"
     difficulties = (1, 2, 3, 4, 5)
     trace_styles = ("direct", "search")
-    checks_from_prompt = True
 
     def _sample(self, rng: random.Random, difficulty: int) -> Problem:
         num_small, small_max, num_big, target_min, target_max = LEVELS[difficulty]
@@ -133,16 +132,6 @@ class Countdown(Task):
         if style == "search":
             return search_trace(*self._numbers_target(problem.prompt))
         return super().trace(problem, style)
-
-    def check_problem(self, problem: Problem) -> str | None:
-        error = self.prompt_error(problem.prompt)
-        if error:
-            return error
-        score, reason = self.score(problem, f"Answer: {problem.answer}")
-        return None if score == 1.0 else f"answer {problem.answer!r} does not verify: {reason}"
-
-    def score(self, problem: Problem, completion: str) -> tuple[float, str]:
-        return self.score_from_prompt(problem.prompt, completion)
 
     def check_steps(self, problem: Problem, completion: str) -> list[bool]:
         return self.check_steps_from_prompt(problem.prompt, completion)

@@ -38,7 +38,7 @@ import random
 import re
 from collections.abc import Callable
 
-from tasks.base import Problem, Task, completion_steps, final_answer
+from tasks.base import Problem, PromptCheckedTask, completion_steps, final_answer
 from tasks.sudoku_grid import SIZES, dig, fill_order, full_grid, grid_errors, grid_text, solutions
 
 LEVELS = {1: (4, 6), 2: (4, 10), 3: (9, 40), 4: (9, 48), 5: (9, 54)}  # difficulty -> (size, blanks)
@@ -78,12 +78,11 @@ def _solvable_with(size: int, givens: list[int]) -> Callable[[int, int], bool]:
     return right
 
 
-class Sudoku(Task):
+class Sudoku(PromptCheckedTask):
     """Fill a sudoku grid one cell at a time."""
 
     name = "sudoku"
     difficulties = (1, 2, 3, 4, 5)
-    checks_from_prompt = True
 
     def _sample(self, rng: random.Random, difficulty: int) -> Problem:
         size, _ = LEVELS[difficulty]
@@ -108,16 +107,6 @@ class Sudoku(Task):
     def split_key(self, problem: Problem) -> str:
         """The solution grid: every puzzle of one solved grid lands in the same split."""
         return problem.answer
-
-    def check_problem(self, problem: Problem) -> str | None:
-        error = self.prompt_error(problem.prompt)
-        if error:
-            return error
-        score, reason = self.score(problem, f"Answer: {problem.answer}")
-        return None if score == 1.0 else f"answer {problem.answer!r} does not verify: {reason}"
-
-    def score(self, problem: Problem, completion: str) -> tuple[float, str]:
-        return self.score_from_prompt(problem.prompt, completion)
 
     def prompt_error(self, prompt: str) -> str | None:
         try:
