@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from model.sharding import make_mesh
 from search.candidates import candidates, choose
@@ -23,13 +24,18 @@ from train.state import state_layout
 NUM_PROBLEMS = 32
 
 
-def test_oracle_beam_search_beats_a_single_sample(trained_tiny_policy):
+@pytest.fixture(scope="module")
+def policy(trained_tiny_policy):
+    """(config, state layout, params on one device, byte vocabulary) of the trained tiny policy."""
     cfg, run_dir = trained_tiny_policy
-    mesh = make_mesh(cfg.mesh)
-    layout = state_layout(cfg, mesh)
+    layout = state_layout(cfg, make_mesh(cfg.mesh))
     # one device: on a 2-core machine this tiny model searches fastest unsharded (sharded search: test_search.py)
     params = jax.device_put(load_params(run_dir, layout.abstract["params"]), jax.devices()[0])
-    vocab = get_vocabulary("byte")
+    return cfg, layout, params, get_vocabulary("byte")
+
+
+def test_oracle_beam_search_beats_a_single_sample(policy):
+    cfg, layout, params, vocab = policy
     task = get_task("arithmetic")
     problems = [task.generate(0, i, 2, "test") for i in range(NUM_PROBLEMS)]
     tokens, lengths = encode_prompts(vocab, [p.prompt for p in problems], 48)
@@ -52,12 +58,8 @@ def test_oracle_beam_search_beats_a_single_sample(trained_tiny_policy):
     assert beam.sum() > single.sum()
 
 
-def test_greedy_search_is_generate_at_temperature_0_in_any_batch(trained_tiny_policy):
-    cfg, run_dir = trained_tiny_policy
-    mesh = make_mesh(cfg.mesh)
-    layout = state_layout(cfg, mesh)
-    params = jax.device_put(load_params(run_dir, layout.abstract["params"]), jax.devices()[0])
-    vocab = get_vocabulary("byte")
+def test_greedy_search_is_generate_at_temperature_0_in_any_batch(policy):
+    cfg, layout, params, vocab = policy
     problems = [get_task("arithmetic").generate(0, i, 2, "test") for i in range(8)]
     tokens, lengths = encode_prompts(vocab, [p.prompt for p in problems], 48)
     spec = SearchSpec(strategy="greedy", max_steps=5, max_step_tokens=24, max_len=176, page_size=8)
