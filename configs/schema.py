@@ -309,13 +309,17 @@ class DemoConfig(Strict):
     run_dir: str = "runs/demo"
     problems: int = Field(200, gt=0)
     budgets: list[int] = Field(default_factory=lambda: [1, 4, 16, 64])
+    best_of_n_budgets: list[int] | None = None
     strategies: list[Literal["greedy", "sample", "best_of_n", "beam", "dvts", "mcts"]] = Field(
         default_factory=lambda: ["greedy", "sample", "best_of_n", "beam", "dvts", "mcts"])
     reward_problems: int = Field(256, gt=0)
     reward_problem_offset: int = Field(100_000, ge=0)
     reward_samples: int = Field(4, gt=0)
     mc_rollouts: int = Field(4, ge=0)
+    label_source: Literal["auto", "checker", "mc"] = "auto"
     reward_steps: int = Field(100, gt=0)
+    reward_eval_problems: int = Field(0, ge=0)
+    orm_steps: int | None = Field(None, gt=0)
     rl_steps: int = Field(0, ge=0)
     rl_overrides: list[str] = Field(default_factory=list)
     rl_strategies: list[Literal["greedy", "sample", "best_of_n", "beam", "dvts", "mcts"]] = Field(
@@ -325,7 +329,7 @@ class DemoConfig(Strict):
 
     @model_validator(mode="after")
     def _check_budgets(self) -> DemoConfig:
-        for name in ("budgets", "rl_budgets"):
+        for name in ("budgets", "best_of_n_budgets", "rl_budgets"):
             budgets = getattr(self, name)
             if budgets is not None and (not budgets or min(budgets) < 1):
                 raise ValueError(f"demo.{name}: multiples of one sample's tokens, each >= 1")

@@ -67,8 +67,10 @@ class Row:
         return "prm" if self.scorer in ("orm", "checker") else self.scorer
 
 
-def rows_for(budgets: list[int], strategies: list[str], policy: str = "sft", checker: bool = False) -> list[Row]:
-    """The table's rows for one policy: the `BASELINES` asked for (x1), then each strategy at each budget above 1.
+def rows_for(budgets: list[int], strategies: list[str], policy: str = "sft", checker: bool = False,
+             best_of_n_budgets: list[int] | None = None) -> list[Row]:
+    """The table's rows for one policy: the `BASELINES` asked for (x1), then each strategy at each budget above 1
+    (best_of_n at `best_of_n_budgets` when given).
 
     Rows of the RL policy are named `rl/...`; checker rows only with `checker` (every task checkable from its prompt).
     """
@@ -78,7 +80,8 @@ def rows_for(budgets: list[int], strategies: list[str], policy: str = "sft", che
         for name, scorer, select in VARIANTS.get(strategy, []):
             if scorer == "checker" and not checker:
                 continue
-            rows += [Row(prefix + name, strategy, scorer, select, budget, policy) for budget in budgets if budget > 1]
+            sizes = best_of_n_budgets if strategy == "best_of_n" and best_of_n_budgets is not None else budgets
+            rows += [Row(prefix + name, strategy, scorer, select, budget, policy) for budget in sizes if budget > 1]
     return rows
 
 
@@ -87,7 +90,7 @@ def demo_rows(demo, checker: bool = False) -> list[Row]:
 
     checker: add the prompt-only verifier's rows (`checkable_mixture` of the config's data mixture).
     """
-    rows = rows_for(demo.budgets, demo.strategies, checker=checker)
+    rows = rows_for(demo.budgets, demo.strategies, checker=checker, best_of_n_budgets=demo.best_of_n_budgets)
     if demo.rl_steps:
         rl_budgets = demo.budgets if demo.rl_budgets is None else demo.rl_budgets
         rows += rows_for(rl_budgets, demo.rl_strategies, "rl", checker=checker)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from configs.load import load_config
-from search.scaling import demo_rows, markdown_table
+from search.scaling import demo_rows, markdown_table, pool_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,13 +63,18 @@ def test_demo_writes_a_table_a_plot_and_a_row_per_strategy_and_budget(demo_run):
     assert all(seconds == 0 for (policy, name, _), seconds in compiled.items()
                if (policy == "rl" and "orm" not in name) or name == "best_of_n/prm-weighted")
     assert f"search: compiling its {sum(s > 0 for s in compiled.values())} programs took" in out
-    assert set(results["reward_eval"]) == {"prm", "orm"}
-    for kind, m in results["reward_eval"].items():  # held-out AUCs, and the within-problem one on the screen
-        if m.get("steps"):
-            assert not m["step_auc"] < 0.0 and not m["step_auc"] > 1.0  # NaN when 8 problems hold out one class
-            assert m["within_pairs"] >= 0
-            pooled = "step" if kind == "prm" else "outcome"
-            assert f"{kind.upper()}: {pooled} AUC {m[f'{pooled}_auc']:.3f} over {m['records']} held-out" in out
+    assert set(results["reward_eval"]) == set(results["reward_validation"]) == {"prm", "orm"}
+    # AUCs on held-out train problems and on validation problems, the within-problem one on the screen
+    assert all(m["problems"] == cfg.demo.reward_eval_problems for m in results["reward_validation"].values())
+    for kind in ("prm", "orm"):
+        for m, where in ((results["reward_validation"][kind], "validation problems"),
+                         (results["reward_eval"][kind], "held-out train problems")):
+            if m.get("steps"):
+                assert not m["step_auc"] < 0.0 and not m["step_auc"] > 1.0  # NaN when 8 problems hold out one class
+                assert m["within_pairs"] >= 0
+                pooled = "step" if kind == "prm" else "outcome"
+                assert f"{kind.upper()}: on {m['problems']} {where}" in out
+                assert f"{pooled} AUC {m[f'{pooled}_auc']:.3f} over {m['records']} samples" in out
     assert results["stage_seconds"].keys() == {"policy", "rl", "pass@1", "reward data", "reward models", "search"}
     rl_metrics = [json.loads(line) for line in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert max(m["step"] for m in rl_metrics) == cfg.demo.rl_steps
@@ -81,8 +86,19 @@ def test_demo_writes_a_table_a_plot_and_a_row_per_strategy_and_budget(demo_run):
         count = pass_at_1[policy] * cfg.demo.problems * cfg.demo.pass_samples
         assert 0.0 <= pass_at_1[policy] <= 1.0 and abs(count - round(count)) < 1e-6
     assert f"RL: pass@1 on the {cfg.demo.problems} test problems ({cfg.demo.pass_samples} samples each" in out
+    # the RL curve: an evaluation every rl.eval_every steps from the start, each with its rollouts' mean length
+    curve = results["rl_curve"]
+    assert [point["step"] for point in curve] == list(range(0, cfg.demo.rl_steps + 1, cfg.rl.eval_every))
+    lengths = {m["step"]: m["completion_length"] for m in rl_metrics if "completion_length" in m}
+    assert curve[0]["completion_length"] == pytest.approx(lengths[1])  # step 1's rollouts: the starting policy
+    for point in curve:
+        assert 0.0 <= point["pass_at_1"] <= 1.0
+    # no rollout comes from the last params: with an evaluation every step the last window is empty
+    assert all(0 < point["completion_length"] <= cfg.rl.max_new_tokens for point in curve[:-1])
+    assert curve[-1]["completion_length"] is None
+    assert f"RL curve: pass@1 on {cfg.rl.eval_problems} validation problems" in out
 
-    for name in ("scaling.png", "coverage.png"):
+    for name in ("scaling.png", "coverage.png", "rl_curve.png"):
         png = (run_dir / name).read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000, name
     # what it shows: the best search against the better of greedy and one sample, per policy
@@ -108,7 +124,8 @@ def test_demo_writes_a_table_a_plot_and_a_row_per_strategy_and_budget(demo_run):
     table = lines[header + 2 : header + 2 + len(expected)]
     assert [line.split()[0] for line in table] == [name for name, _ in expected]
     assert markdown_table(results["rows"]).count("\n") == len(expected) + 1
-    for name in ("policy", "reward/data.jsonl", "reward/prm/config.yaml", "reward/orm/config.yaml", "problems.jsonl"):
+    for name in ("policy", "problems.jsonl", "reward/data.jsonl", "reward/validation.jsonl", "reward/prm/config.yaml",
+                 "reward/orm/config.yaml", "reward/prm/validation_eval.json", "reward/orm/validation_eval.json"):
         assert (run_dir / name).exists(), name
 
 
@@ -117,19 +134,37 @@ def test_a_second_run_skips_every_stage_and_keeps_the_results(demo_run):
     before = json.loads((run_dir / "results.json").read_text())["rows"]
     process = _demo(run_dir)
     assert process.returncode == 0, process.stderr[-3000:]
-    assert process.stdout.count("skipping") == 7, process.stdout  # policy, RL, pass@1, data, PRM, ORM, search
+    # policy, RL, pass@1, reward data (train and validation), PRM, ORM, search
+    assert process.stdout.count("skipping") == 8, process.stdout
     assert json.loads((run_dir / "results.json").read_text())["rows"] == before
 
 
 def test_rl_rows_take_their_own_budgets_and_bad_budgets_name_the_key():
-    cfg = load_config("experiments/demo", ["demo.budgets=[1, 4, 16, 64]", "demo.rl_budgets=[1, 4]"])
+    cfg = load_config("experiments/demo", ["demo.budgets=[1, 4, 16, 64]", "demo.rl_steps=30", "demo.rl_budgets=[1, 4]"])
     rows = [(row.name, row.budget) for row in demo_rows(cfg.demo)]
     assert ("best_of_n/majority", 64) in rows and ("rl/best_of_n/majority", 4) in rows
     assert max(budget for name, budget in rows if name.startswith("rl/")) == 4
     assert [name for name, _ in rows if name.startswith("rl/")] == ["rl/greedy", "rl/sample", *(
         f"rl/best_of_n/{rule}" for rule in ("majority", "orm-weighted", "prm-weighted"))]
-    unset = load_config("experiments/demo", ["demo.rl_budgets=null"])
+    unset = load_config("experiments/demo", ["demo.rl_steps=30", "demo.rl_budgets=null"])
     assert max(b for name, b in ((r.name, r.budget) for r in demo_rows(unset.demo)) if name.startswith("rl/")) == 64
     for bad in ("[]", "[0, 4]"):
-        with pytest.raises(ValueError, match="demo.rl_budgets"):
-            load_config("experiments/demo", [f"demo.rl_budgets={bad}"])
+        for key in ("rl_budgets", "best_of_n_budgets"):
+            with pytest.raises(ValueError, match=f"demo.{key}"):
+                load_config("experiments/demo", [f"demo.{key}={bad}"])
+
+
+def test_best_of_n_rows_take_their_own_budgets():
+    """demo.best_of_n_budgets sizes only the best-of-N rows (a larger pool for the coverage curve), and the
+    coverage reads the largest of them."""
+    cfg = load_config("experiments/demo", ["demo.budgets=[1, 4, 16]", "demo.best_of_n_budgets=[4, 16, 128]"])
+    rows = demo_rows(cfg.demo, checker=True)
+    budgets = {}
+    for row in rows:
+        if row.policy == "sft":
+            budgets.setdefault(row.strategy, []).append(row.budget)
+    assert budgets["best_of_n"] == [4, 16, 128] * 4 and budgets["beam"] == budgets["mcts"] == [4, 16]
+    assert {(row.name, row.budget) for row in pool_rows(rows)} == {
+        (f"best_of_n/{rule}", 128) for rule in ("majority", "orm-weighted", "prm-weighted", "checker")}
+    unset = load_config("experiments/demo", ["demo.best_of_n_budgets=null", "demo.rl_steps=0"])
+    assert max(row.budget for row in demo_rows(unset.demo) if row.strategy == "best_of_n") == 64

@@ -2,6 +2,7 @@
 
     ponder demo                              # configs/experiments/demo.yaml into runs/demo
     ponder demo --fresh                      # start over
+    ponder demo --config experiments/demo_rl  # with a long GRPO stage and its learning curve (make demo-rl)
     ponder demo --config experiments/demo_tiny --run-dir /tmp/demo   # toy size (tests)
 
 Stages, each skipped when its output exists (the screen says so):
@@ -10,11 +11,13 @@ Stages, each skipped when its output exists (the screen says so):
    rl          GRPO from that policy for demo.rl_steps steps (`ponder rl`; 0: none) RUN/rl/
    pass@1      both policies' pass@1: demo.pass_samples samples per test problem RUN/rl/pass_at_1.json
 2. reward data the policy's samples on train problems, labelled (`ponder reward data`)  RUN/reward/data.jsonl
+               and, with demo.reward_eval_problems, on validation problems         RUN/reward/validation.jsonl
 3. reward      a PRM and an ORM from the policy's checkpoint (`ponder reward train`) RUN/reward/{prm,orm}/
+               (their AUCs on the validation file: RUN/reward/{prm,orm}/validation_eval.json)
 4. search      every strategy at budgets of 1x..Nx the tokens of one sample, on
                demo.problems held-out test problems (`ponder search`)              RUN/search/*.jsonl
-5. report      the table, what it shows and the coverage on screen; RUN/results.json, RUN/scaling.png and
-               RUN/coverage.png
+5. report      the table, what it shows and the coverage on screen; RUN/results.json, RUN/scaling.png,
+               RUN/coverage.png and, with RL, RUN/rl_curve.png (pass@1 and completion length by RL step)
 
 A budget multiple B gives each problem about B times the tokens that one sampled chain
 costs on the same problems (measured by the `sample` row), and sizes N, the beams or the
@@ -59,7 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "and label reward data, train a PRM and an ORM, run every search strategy at budgets of "
         "1x..Nx the tokens of one sample on demo.problems held-out test problems (and "
         "demo.rl_strategies on the RL policy), then print a table and write results.json, "
-        "scaling.png and coverage.png into the run "
+        "scaling.png, coverage.png (and with RL rl_curve.png) into the run "
         "directory. Stages whose outputs exist are skipped (re-running after an interruption "
         "continues); --fresh starts over. Settings: the config's demo.* keys (documented in "
         "configs/base.yaml), overridable as key=value.",
@@ -97,7 +100,7 @@ def _clear(run_dir: Path) -> None:
     import shutil
 
     for name in ("policy", "rl", "reward", "search", "problems.jsonl", "results.json", "scaling.png",
-                 "coverage.png", "stage_seconds.json"):
+                 "coverage.png", "rl_curve.png", "stage_seconds.json"):
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -205,21 +208,29 @@ class Demo:
     # -- 2. reward data --
 
     def reward_data(self) -> None:
+        """Labelled samples on train problems (what the reward models learn from) and, with
+        demo.reward_eval_problems, on validation problems (what their AUCs are reported on: the train split's
+        problems past demo.reward_problem_offset repeat many that the policy's SFT saw, the validation split's none)."""
+        demo = self.cfg.demo
+        self.label(self.reward_dir / "data.jsonl", "train", demo.reward_problems, demo.reward_problem_offset)
+        if demo.reward_eval_problems:
+            self.label(self.reward_dir / "validation.jsonl", "validation", demo.reward_eval_problems, 0)
+
+    def label(self, out: Path, split: str, count: int, start: int) -> None:
         from train.policy import load_policy
         from train.problems import plan_problems
         from train.reward_labels import LabelSettings, build_reward_data
 
         demo = self.cfg.demo
-        out = self.reward_dir / "data.jsonl"
         if out.exists():
             self.say(f"2/4 reward data: {out} exists: skipping")
             return
-        problems = plan_problems(self.cfg.data.mixture, demo.reward_problems, split="train", seed=self.cfg.seed,
-                                 start=demo.reward_problem_offset)
-        self.say(f"2/4 reward data: {demo.reward_samples} samples on each of {len(problems)} train problems, "
+        problems = plan_problems(self.cfg.data.mixture, count, split=split, seed=self.cfg.seed, start=start)
+        self.say(f"2/4 reward data: {demo.reward_samples} samples on each of {len(problems)} {split} problems, "
                  f"labelled -> {out}")
         settings = LabelSettings(samples=demo.reward_samples, mc_rollouts=demo.mc_rollouts,
-                                 max_new_tokens=self.cfg.search.max_len // 2, seed=self.cfg.seed)
+                                 label_source=demo.label_source, max_new_tokens=self.cfg.search.max_len // 2,
+                                 seed=self.cfg.seed)
         summary = build_reward_data(load_policy(self.policy_dir), problems, out, settings,
                                     show_progress=self.show_progress)
         self.say(f"   {json.dumps(summary)}")
@@ -227,21 +238,25 @@ class Demo:
     # -- 3. reward models --
 
     def reward_models(self) -> None:
-        from train.reward import train_reward_model
+        from train.reward import evaluate_reward_model, train_reward_model
 
+        validation = self.reward_dir / "validation.jsonl"
         for kind in ("prm", "orm"):
             run_dir = self.reward_dir / kind
             report = run_dir / "reward_eval.json"
             if report.exists():
                 self.say(f"3/4 {kind.upper()}: {run_dir} is trained: skipping")
-                continue
-            steps = self.cfg.demo.reward_steps
-            self.say(f"3/4 {kind.upper()}: {steps} steps from the policy's checkpoint -> {run_dir}")
-            result = train_reward_model(self.reward_dir / "data.jsonl", run_dir, policy=self.policy_dir, kind=kind,
-                                        overrides=(f"train.steps={self.cfg.demo.reward_steps}",),
-                                        show_progress=self.show_progress)
-            if not report.exists():  # no held-out records: still mark the stage as done
-                report.write_text(json.dumps(result["eval"]) + "\n")
+            else:
+                demo = self.cfg.demo
+                steps = demo.orm_steps if kind == "orm" and demo.orm_steps is not None else demo.reward_steps
+                self.say(f"3/4 {kind.upper()}: {steps} steps from the policy's checkpoint -> {run_dir}")
+                result = train_reward_model(self.reward_dir / "data.jsonl", run_dir, policy=self.policy_dir, kind=kind,
+                                            overrides=(f"train.steps={steps}",), show_progress=self.show_progress)
+                if not report.exists():  # no held-out records: still mark the stage as done
+                    report.write_text(json.dumps(result["eval"]) + "\n")
+            validation_report = run_dir / "validation_eval.json"
+            if validation.exists() and not validation_report.exists():
+                write_atomic(validation_report, json.dumps(evaluate_reward_model(run_dir, validation), indent=1) + "\n")
 
     # -- 4. search --
 
@@ -322,10 +337,12 @@ class Demo:
     def report(self, timings: dict) -> dict:
         from search.coverage import coverage, coverage_lines, plot_coverage
         from search.scaling import checkable_mixture, demo_rows, findings, plot_scaling, print_table, read_pools
+        from train.rl_curve import curve_lines, plot_rl_curve, rl_curve
 
         rows = demo_rows(self.cfg.demo, checkable_mixture(self.cfg.data.mixture))
         results = [json.loads((self.search_dir / f"{row.key}.json").read_text()) for row in rows]
-        reward_eval = {kind: _read_json(self.reward_dir / kind / "reward_eval.json") for kind in ("prm", "orm")}
+        reward_eval, reward_validation = ({kind: _read_json(self.reward_dir / kind / name) for kind in ("prm", "orm")}
+                                          for name in ("reward_eval.json", "validation_eval.json"))
         print_table(results)
         shows, coverage_table = findings(results), coverage(read_pools(rows, self.search_dir))
         for line in shows:
@@ -345,14 +362,21 @@ class Demo:
             self.say(f"search: compiling its {sum(r['compile_seconds'] > 0 for r in results)} programs took "
                      f"{sum(r['compile_seconds'] for r in results):.0f} s of the stage's time")
         # held-out AUCs, and how often a right chain outscores a wrong one of its own problem: what search needs
-        for kind, m in reward_eval.items():
-            if not m.get("steps"):
-                continue
+        for kind in ("prm", "orm"):
             pooled, aggregate = (("step", self.cfg.search.aggregate) if kind == "prm" else ("outcome", "last"))
-            self.say(f"{kind.upper()}: {pooled} AUC {m[f'{pooled}_auc']:.3f} over {m['records']} held-out samples; "
-                     f"a right chain above a wrong one of the same problem in "
-                     f"{m.get(f'within_auc_{aggregate}', float('nan')):.3f} of {m.get('within_pairs', 0)} pairs "
-                     f"({aggregate} of its scores; 0.5 is chance)")
+            for m, where in ((reward_validation.get(kind, {}), "validation problems (unseen in training)"),
+                             (reward_eval[kind], "held-out train problems (the split the policy's SFT drew from)")):
+                if m.get("steps"):
+                    self.say(f"{kind.upper()}: on {m['problems']} {where}: a right chain above a wrong one of the "
+                             f"same problem in {m.get(f'within_auc_{aggregate}', float('nan')):.3f} of "
+                             f"{m.get('within_pairs', 0)} pairs ({aggregate} of its scores; 0.5 is chance); {pooled} "
+                             f"AUC {m[f'{pooled}_auc']:.3f} over {m['records']} samples")
+        curve = rl_curve(self.rl_dir / "metrics.jsonl") if self.cfg.demo.rl_steps else []
+        if curve:
+            rl = self.rl_config().rl
+            self.say(f"RL curve: pass@1 on {rl.eval_problems} validation problems ({rl.eval_samples} samples each) "
+                     "and the rollouts' mean completion length, by RL step:")
+            print("\n".join(f"  {line}" for line in curve_lines(curve)))
         if ("rl/sample", 1) in by_name and ("sample", 1) in by_name:
             before, after = by_name[("sample", 1)]["accuracy"], by_name[("rl/sample", 1)]["accuracy"]
             self.say(f"    one sample each (the sample rows): {100 * before:.1f}% -> {100 * after:.1f}%")
@@ -361,7 +385,9 @@ class Demo:
             "machine": _machine(),
             "stage_seconds": timings,
             "reward_eval": reward_eval,
+            "reward_validation": reward_validation,
             "pass_at_1": pass_at_1,
+            "rl_curve": curve,
             "rows": results,
             "findings": shows,
             "coverage": coverage_table,
@@ -371,12 +397,16 @@ class Demo:
         if coverage_table:
             greedy = {r["name"]: r["accuracy"] for r in results if r["strategy"] == "greedy" and r["policy"] == "sft"}
             plot_coverage(coverage_table, self.run_dir / "coverage.png", _plot_title(self.cfg, "coverage"), greedy)
+        if curve:
+            rl = self.rl_config().rl
+            plot_rl_curve(curve, self.run_dir / "rl_curve.png", _plot_title(
+                self.cfg, "GRPO learning curve", f"{rl.eval_problems} validation problems x {rl.eval_samples} samples"))
         return summary
 
 
-def _plot_title(cfg, what: str = "accuracy vs thinking compute") -> str:
+def _plot_title(cfg, what: str = "accuracy vs thinking compute", problems: str | None = None) -> str:
     tasks = ", ".join(cfg.data.mixture)
-    return (f"ponder: {what}\n{tasks}; {cfg.demo.problems} test problems; "
+    return (f"ponder: {what}\n{tasks}; {problems or f'{cfg.demo.problems} test problems'}; "
             f"{cfg.model.num_layers}-layer, width-{cfg.model.embed_dim} policy")
 
 
