@@ -240,14 +240,13 @@ class Demo:
     def reward_models(self) -> None:
         from train.reward import evaluate_reward_model, train_reward_model
 
-        validation = self.reward_dir / "validation.jsonl"
+        demo, validation = self.cfg.demo, self.reward_dir / "validation.jsonl"
         for kind in ("prm", "orm"):
             run_dir = self.reward_dir / kind
             report = run_dir / "reward_eval.json"
             if report.exists():
                 self.say(f"3/4 {kind.upper()}: {run_dir} is trained: skipping")
             else:
-                demo = self.cfg.demo
                 steps = demo.orm_steps if kind == "orm" and demo.orm_steps is not None else demo.reward_steps
                 self.say(f"3/4 {kind.upper()}: {steps} steps from the policy's checkpoint -> {run_dir}")
                 result = train_reward_model(self.reward_dir / "data.jsonl", run_dir, policy=self.policy_dir, kind=kind,
@@ -372,8 +371,8 @@ class Demo:
                              f"{m.get('within_pairs', 0)} pairs ({aggregate} of its scores; 0.5 is chance); {pooled} "
                              f"AUC {m[f'{pooled}_auc']:.3f} over {m['records']} samples")
         curve = rl_curve(self.rl_dir / "metrics.jsonl") if self.cfg.demo.rl_steps else []
+        rl = self.rl_config().rl if curve else None  # its evaluation settings name the curve's problems
         if curve:
-            rl = self.rl_config().rl
             self.say(f"RL curve: pass@1 on {rl.eval_problems} validation problems ({rl.eval_samples} samples each) "
                      "and the rollouts' mean completion length, by RL step:")
             print("\n".join(f"  {line}" for line in curve_lines(curve)))
@@ -398,7 +397,6 @@ class Demo:
             greedy = {r["name"]: r["accuracy"] for r in results if r["strategy"] == "greedy" and r["policy"] == "sft"}
             plot_coverage(coverage_table, self.run_dir / "coverage.png", _plot_title(self.cfg, "coverage"), greedy)
         if curve:
-            rl = self.rl_config().rl
             plot_rl_curve(curve, self.run_dir / "rl_curve.png", _plot_title(
                 self.cfg, "GRPO learning curve", f"{rl.eval_problems} validation problems x {rl.eval_samples} samples"))
         return summary
